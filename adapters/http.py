@@ -1,0 +1,304 @@
+"""Shared HTTP plumbing: the pooled client, the retry policy, and answers mapped to errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, NoReturn
+
+import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception
+
+from domain.errors import PermanentError, TransientError
+
+USER_AGENT = "sfsync/0.1 (+httpx)"
+
+# 429 and these 5xx say "not now": the same request may succeed later.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Transport failures caused by our own request or configuration: retrying sends the same mistake.
+PERMANENT_TRANSPORT_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.ProxyError,
+)
+# Server texts end up in exception messages and logs: keep them readable, not whole HTML pages.
+MAX_SERVER_MESSAGE_CHARS = 300
+
+_log = logging.getLogger("sfsync.adapters.http")
+
+Describe = Callable[[httpx.Response], tuple[str | None, str]]
+"""Turns an error answer into (machine code, human message) in the dialect of one API."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try one HTTP call before giving up with a TransientError.
+
+    Stops after `attempts` tries or when the next wait would end past `total_seconds`, whichever
+    comes first. Waits grow exponentially with jitter from `initial_backoff_s` up to
+    `max_backoff_s`, unless the server said how long to wait (Retry-After, capped by
+    `max_retry_after_s`).
+    """
+
+    attempts: int = 5
+    total_seconds: float = 30.0
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    max_retry_after_s: float = 60.0
+    # Seams for tests: waiting and measuring the budget without real time passing.
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be at least 1, not {self.attempts}")
+        if self.total_seconds <= 0:
+            raise ValueError(
+                f"RetryPolicy.total_seconds must be positive, not {self.total_seconds}"
+            )
+        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError(
+                "RetryPolicy needs 0 <= initial_backoff_s <= max_backoff_s, not "
+                f"{self.initial_backoff_s} and {self.max_backoff_s}"
+            )
+        if self.max_retry_after_s < 0:
+            raise ValueError("RetryPolicy.max_retry_after_s must not be negative")
+
+    def backoff(self, retry_number: int) -> float:
+        """The wait before retry number `retry_number` (1-based) when the server gave no hint."""
+        exponential = self.initial_backoff_s * 2.0 ** (retry_number - 1)
+        # Jitter spreads the retries of many workers hit by the same outage.
+        jittered = exponential + random.uniform(0, self.initial_backoff_s)
+        return min(max(jittered, self.initial_backoff_s), self.max_backoff_s)
+
+
+def new_http_client(
+    *,
+    timeout_s: float = 10.0,
+    connect_timeout_s: float = 5.0,
+    max_connections: int = 100,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Client:
+    """One pooled client per process, with explicit timeouts and no redirects.
+
+    Redirects are refused because a bearer token must never follow a Location header to
+    another host; neither API redirects in its contract.
+    """
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        transport=transport,
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+    )
+
+
+class RetryableAnswer(Exception):
+    """A transient HTTP answer (429/5xx), raised inside an attempt so that tenacity retries it."""
+
+    def __init__(
+        self, status: int, code: str | None, message: str, retry_after_s: float | None
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+        super().__init__(f"HTTP {status}{f' {code}' if code else ''}: {message}")
+
+
+def parse_retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait according to Retry-After (delta-seconds or HTTP-date), or None if absent.
+
+    An HTTP-date is measured against the answer's own Date header when there is one, so that a
+    skewed local clock does not turn "in 5 seconds" into "an hour ago".
+    """
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    server_date = response.headers.get("Date")
+    if server_date:
+        try:
+            now = parsedate_to_datetime(server_date)
+        except (TypeError, ValueError, IndexError):
+            now = datetime.now(UTC)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def shorten(text: str) -> str:
+    """One line of at most MAX_SERVER_MESSAGE_CHARS characters."""
+    line = " ".join(text.split())
+    if len(line) > MAX_SERVER_MESSAGE_CHARS:
+        return line[: MAX_SERVER_MESSAGE_CHARS - 3] + "..."
+    return line
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every known secret value in a server's text, in case it echoes what we sent."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def body_text(response: httpx.Response) -> str:
+    """The answer's body as short text, or its reason phrase when the body is empty."""
+    text = shorten(response.text) if response.content else ""
+    return text or response.reason_phrase or "no message"
+
+
+def parse_json(response: httpx.Response, *, call: str, customer_id: str | None) -> Any:
+    """The JSON body of a successful answer; anything else is a PermanentError.
+
+    A 200 that is not JSON must never read as "no users": the safety guard downstream relies on
+    a broken answer failing loudly.
+    """
+    try:
+        return json.loads(response.content)
+    except (ValueError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise PermanentError(
+            f"malformed response: body is not JSON ({reason}, {len(response.content)} bytes)",
+            customer_id=customer_id,
+            call=call,
+            status=response.status_code,
+        ) from None
+
+
+def malformed(
+    problem: str, *, call: str, customer_id: str | None, status: int | None = None
+) -> PermanentError:
+    """The error for an answer that is JSON but not the shape the contract promises."""
+    return PermanentError(
+        f"malformed response: {problem}", customer_id=customer_id, call=call, status=status
+    )
+
+
+def send_with_retry(
+    send: Callable[[], httpx.Response],
+    *,
+    call: str,
+    customer_id: str | None,
+    policy: RetryPolicy,
+    describe: Describe,
+    logger: logging.Logger = _log,
+    passthrough: Collection[int] = (),
+) -> httpx.Response:
+    """Send one request until it gets a final answer, and return that answer if it is a success.
+
+    Transient failures (timeouts, transport errors, 429, 5xx) are retried under `policy`; once the
+    policy is spent they become a TransientError that names the call, the customer, the number of
+    attempts and the last thing the server said. Other non-2xx answers become a PermanentError at
+    once, except the statuses in `passthrough`, which are returned for the caller to handle
+    (ShareFile's 401 means "re-authenticate", not "give up").
+    """
+
+    def attempt() -> httpx.Response:
+        try:
+            response = send()
+        except PERMANENT_TRANSPORT_ERRORS as exc:
+            raise PermanentError(
+                f"{type(exc).__name__}: {exc}", customer_id=customer_id, call=call
+            ) from exc
+        except httpx.DecodingError as exc:
+            raise malformed(
+                f"body could not be decoded ({exc})", call=call, customer_id=customer_id
+            ) from exc
+        status = response.status_code
+        if 200 <= status < 300 or status in passthrough:
+            return response
+        code, message = describe(response)
+        if status in RETRYABLE_STATUSES:
+            raise RetryableAnswer(status, code, message, parse_retry_after(response))
+        raise PermanentError(message, customer_id=customer_id, call=call, status=status, code=code)
+
+    started = policy.clock()
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableAnswer) and exc.retry_after_s is not None:
+            return min(exc.retry_after_s, policy.max_retry_after_s)
+        return policy.backoff(state.attempt_number)
+
+    def stop(state: RetryCallState) -> bool:
+        if state.attempt_number >= policy.attempts:
+            return True
+        # Stop *before* a wait that would end past the budget: waiting only to give up is waste.
+        return policy.clock() - started + state.upcoming_sleep > policy.total_seconds
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        logger.warning(
+            "%s for customer %s: attempt %d/%d failed (%s); retrying in %.2fs",
+            call,
+            customer_id or "-",
+            state.attempt_number,
+            policy.attempts,
+            describe_failure(exc),
+            state.upcoming_sleep,
+        )
+
+    def give_up(state: RetryCallState) -> NoReturn:
+        exc = state.outcome.exception() if state.outcome else None
+        elapsed = policy.clock() - started
+        status = exc.status if isinstance(exc, RetryableAnswer) else None
+        code = exc.code if isinstance(exc, RetryableAnswer) else None
+        last = exc.message if isinstance(exc, RetryableAnswer) else describe_failure(exc)
+        limit = (
+            f"attempt limit {policy.attempts}"
+            if state.attempt_number >= policy.attempts
+            else f"the next wait of {state.upcoming_sleep:.1f}s would pass "
+            f"the {policy.total_seconds:g}s budget"
+        )
+        raise TransientError(
+            f"gave up after {state.attempt_number} attempt(s) in {elapsed:.1f}s ({limit}); "
+            f"last: {last}",
+            customer_id=customer_id,
+            call=call,
+            status=status,
+            code=code,
+        ) from exc
+
+    retrying = Retrying(
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, RetryableAnswer | httpx.TransportError)
+        ),
+        wait=wait,
+        stop=stop,
+        sleep=policy.sleep,
+        before_sleep=log_retry,
+        retry_error_callback=give_up,
+    )
+    response: httpx.Response = retrying(attempt)
+    return response
+
+
+def describe_failure(exc: BaseException | None) -> str:
+    """A short, secret-free description of why an attempt failed."""
+    if exc is None:
+        return "unknown failure"
+    if isinstance(exc, RetryableAnswer):
+        return str(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
