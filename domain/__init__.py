@@ -1,4 +1,4 @@
-"""The pure core of sfsync: records, matching, the reconcile planner, the safety guard and messages."""
+"""The pure core of sfsync: records, matching, the reconcile planner, safety guard, messages."""
 
 from domain.errors import ConfigError, InvalidMessage, PermanentError, SfsyncError, TransientError
 from domain.matching import normalise_email

@@ -1,4 +1,4 @@
-"""One error hierarchy for the whole service: what failed, for which customer, and whether to retry."""
+"""One error hierarchy for the service: what failed, for which customer, whether to retry."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class PermanentError(SfsyncError):
 
 
 class InvalidMessage(PermanentError):
-    """A message body that is not valid JSON, has an unknown type or version, or fails its schema."""
+    """A message body that is not JSON, has an unknown type or version, or fails its schema."""
 
 
 class ConfigError(SfsyncError):

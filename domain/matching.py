@@ -14,7 +14,8 @@ _USABLE = re.compile(r"[^@\s]+@[^@\s]+")
 def normalise_email(raw: str | None) -> str | None:
     """Return the matching key of an address (trim, NFKC, case-fold), or None if it is unusable.
 
-    A usable address has exactly one "@" with something on both sides and no whitespace.
+    A usable address has exactly one "@" with something on both sides, and no whitespace or
+    control characters.
     """
     if raw is None:
         return None
@@ -33,7 +34,10 @@ def normalise_email(raw: str | None) -> str | None:
             return None
     else:
         key = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-        if _USABLE.fullmatch(key) is None:
+        # isprintable(): the same rule as the ASCII branch, so that a control character (NUL,
+        # ESC, zero-width and other format characters) makes any address unusable, not only an
+        # ASCII one.
+        if _USABLE.fullmatch(key) is None or not key.isprintable():
             return None
     # Reuse the caller's string when nothing changed: a million users then cost one copy, not two.
     return raw if key == raw else key

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -19,9 +21,7 @@ SCHEMA_VERSION = 1
 MAX_ITEMS_PER_REQUEST = 1000
 
 # Customer ids travel in URL paths and routing decisions: keep them to a safe, bounded alphabet.
-CustomerId = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-]
+CustomerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 RunId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
@@ -79,6 +79,10 @@ class ProvisioningRequested(Payload):
 
 class _ReportPayload(Payload, SyncReport):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # SyncReport (domain.report) cannot import CustomerId without an import cycle; on the wire a
+    # report's customer id obeys the same alphabet as every other message's.
+    customer_id: CustomerId
 
 
 class SyncCompleted(_ReportPayload):
@@ -153,9 +157,13 @@ class Envelope(BaseModel, Generic[P]):
         return self.model_dump_json().encode()
 
 
-def envelope(payload: P, *, message_id: UUID, occurred_at: datetime, correlation_id: str) -> Envelope[P]:
+def envelope(
+    payload: P, *, message_id: UUID, occurred_at: datetime, correlation_id: str
+) -> Envelope[P]:
     """Wrap a payload; the id and time come from the caller (domain/ reads no clock)."""
-    return Envelope[type(payload)](  # type: ignore[misc]
+    # Parametrise with the payload's own class: Envelope[P] would serialise it as a bare Payload.
+    model = cast("type[Envelope[P]]", Envelope[type(payload)])  # type: ignore[misc]
+    return model(
         message_id=message_id,
         type=payload.message_type,
         schema_version=SCHEMA_VERSION,
@@ -163,6 +171,22 @@ def envelope(payload: P, *, message_id: UUID, occurred_at: datetime, correlation
         correlation_id=correlation_id,
         payload=payload,
     )
+
+
+@dataclass(frozen=True)
+class Stamper:
+    """Wraps payloads in envelopes with ids and times from the injected sources."""
+
+    clock: Callable[[], datetime]
+    new_id: Callable[[], UUID]
+
+    def __call__(self, payload: P, *, correlation_id: str) -> Envelope[P]:
+        return envelope(
+            payload,
+            message_id=self.new_id(),
+            occurred_at=self.clock(),
+            correlation_id=correlation_id,
+        )
 
 
 def report_payload(report: SyncReport) -> _ReportPayload:
@@ -175,19 +199,31 @@ _MAX_ERROR_CHARS = 600
 
 def decode(body: bytes | str) -> Envelope[Any]:
     """Parse and validate a message body; any problem is an InvalidMessage saying which."""
+    if isinstance(body, bytes):
+        # Messages are UTF-8 (DESIGN "Messages"); json.loads would also guess UTF-16/32 from bytes.
+        try:
+            body = body.decode("utf-8-sig")  # a leading BOM is tolerated, as json.loads did
+        except UnicodeDecodeError as exc:
+            raise InvalidMessage(f"body is not UTF-8: {exc}") from None
     try:
         raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise InvalidMessage(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        # A deeply nested body ("[[[[...") exhausts the parser's stack: still just a bad message.
+        raise InvalidMessage("body is not JSON: nested too deeply") from None
     if not isinstance(raw, dict):
         raise InvalidMessage(f"body is a JSON {type(raw).__name__}, not an object")
-    message_type = raw.get("type")
+    if "type" not in raw:
+        raise InvalidMessage("message has no 'type' field")
+    message_type = raw["type"]
     payload_cls = PAYLOAD_TYPES.get(message_type) if isinstance(message_type, str) else None
     if payload_cls is None:
         known = ", ".join(sorted(PAYLOAD_TYPES))
         raise InvalidMessage(f"unknown message type {_short(message_type)!s}; known: {known}")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    # `True == 1` and `1.0 == 1` in Python: only the integer itself is version 1.
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidMessage(
             f"unsupported schema_version {_short(version)} for {message_type} "
             f"(this build reads version {SCHEMA_VERSION})"
@@ -237,4 +273,6 @@ def provisioning_requests(
 
 
 def _request_item(item: PlanItem) -> ProvisioningItem:
-    return ProvisioningItem(user_id=item.user_id, action=item.action, email=item.email, rule=item.rule)
+    return ProvisioningItem(
+        user_id=item.user_id, action=item.action, email=item.email, rule=item.rule
+    )

@@ -1,4 +1,4 @@
-"""What reconcile decides for one customer: actions with their evidence, and everything it left alone."""
+"""What reconcile decides for one customer: actions with evidence, and what it left alone."""
 
 from __future__ import annotations
 

@@ -92,15 +92,17 @@ def reconcile(
 
     sm_index, sm_duplicates = _index_by_key(sm_keyed())
     sf_index, sf_duplicates = _index_by_key(sf_keyed())
-    sm_count, provisioned_before, employees = counts["sm"], counts["provisioned"], counts["employees"]
+    sm_count, provisioned_before, employees = (
+        counts["sm"],
+        counts["provisioned"],
+        counts["employees"],
+    )
 
     conflicts = [
         Conflict(
             match_key=key,
             sm_user_ids=tuple(sorted(u.id for u in _all_on(sm_index, sm_duplicates, key))),
-            sharefile_user_ids=tuple(
-                sorted(u.id for u in _all_on(sf_index, sf_duplicates, key))
-            ),
+            sharefile_user_ids=tuple(sorted(u.id for u in _all_on(sf_index, sf_duplicates, key))),
         )
         for key in sorted(sm_duplicates.keys() | sf_duplicates.keys())
     ]
@@ -118,7 +120,9 @@ def reconcile(
         sf = sf_index.get(key)
         sf_id = sf.id if sf is not None else None
         if sm.state in _IN_FLIGHT:
-            pending.append(Pending(user_id=sm.id, email=sm.email, state=sm.state, sharefile_user_id=sf_id))
+            pending.append(
+                Pending(user_id=sm.id, email=sm.email, state=sm.state, sharefile_user_id=sf_id)
+            )
             continue
         entitled = sf is not None and sf.is_employee and (keep_disabled or not sf.is_disabled)
         if sm.state is SharefileState.PROVISIONED:

@@ -71,9 +71,7 @@ class SharefileUser:
     first_name: Annotated[Name, Field(validation_alias=AliasChoices("FirstName", "first_name"))] = (
         None
     )
-    last_name: Annotated[Name, Field(validation_alias=AliasChoices("LastName", "last_name"))] = (
-        None
-    )
+    last_name: Annotated[Name, Field(validation_alias=AliasChoices("LastName", "last_name"))] = None
     is_disabled: Annotated[
         bool, _none_as(False), Field(validation_alias=AliasChoices("IsDisabled", "is_disabled"))
     ] = False
@@ -91,7 +89,9 @@ class Customer(BaseModel):
     sharefile_enabled: Annotated[
         bool,
         _none_as(False),
-        Field(validation_alias=AliasChoices(AliasPath("sharefile", "enabled"), "sharefile_enabled")),
+        Field(
+            validation_alias=AliasChoices(AliasPath("sharefile", "enabled"), "sharefile_enabled")
+        ),
     ] = False
     subdomain: Annotated[
         str | None,

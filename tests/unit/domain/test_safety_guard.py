@@ -1,0 +1,332 @@
+"""The safety guard: removals that look like an accident are held until an operator approves them.
+
+Deprovisioning deletes a user's ShareFile account, so every threshold is tested at its boundary.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from domain.plan import Plan
+from domain.policy import DisabledEmployees, HoldCode, Policy, SafetyGuard
+from domain.reconcile import reconcile
+from domain.records import SharefileState, SharefileUser, SmUser
+
+PROVISIONED = SharefileState.PROVISIONED
+
+
+def customer(
+    *, staying: int, leaving: int, joining: int = 0
+) -> tuple[list[SmUser], list[SharefileUser]]:
+    """`staying` provisioned employees, `leaving` provisioned users gone from ShareFile, and
+    `joining` employees not yet provisioned."""
+    sm_users = [
+        SmUser(id=f"u-stay-{n:04}", state=PROVISIONED, email=f"stay{n}@acme.example")
+        for n in range(staying)
+    ]
+    sm_users += [
+        SmUser(id=f"u-leave-{n:04}", state=PROVISIONED, email=f"leave{n}@acme.example")
+        for n in range(leaving)
+    ]
+    sm_users += [
+        SmUser(
+            id=f"u-join-{n:04}", state=SharefileState.NOT_PROVISIONED, email=f"join{n}@acme.example"
+        )
+        for n in range(joining)
+    ]
+    employees = [
+        SharefileUser(id=f"sf-stay-{n:04}", email=f"stay{n}@acme.example") for n in range(staying)
+    ]
+    employees += [
+        SharefileUser(id=f"sf-join-{n:04}", email=f"join{n}@acme.example") for n in range(joining)
+    ]
+    return sm_users, employees
+
+
+def run(
+    staying: int,
+    leaving: int,
+    *,
+    joining: int = 0,
+    policy: Policy | None = None,
+    declared: int | None = None,
+) -> Plan:
+    sm_users, employees = customer(staying=staying, leaving=leaving, joining=joining)
+    return reconcile(sm_users, employees, policy, customer_id="cust-1", sharefile_declared=declared)
+
+
+def codes(plan: Plan) -> set[HoldCode]:
+    return {reason.code for reason in plan.hold_reasons}
+
+
+def assert_released(plan: Plan, leaving: int) -> None:
+    assert len(plan.deprovision) == leaving
+    assert plan.held == ()
+    assert plan.hold_reasons == ()
+    assert not plan.is_held
+
+
+def assert_held(plan: Plan, leaving: int) -> None:
+    assert plan.deprovision == ()
+    assert len(plan.held) == leaving
+    assert plan.hold_reasons
+    assert plan.is_held
+    assert plan.approved is False
+
+
+# --- defaults -------------------------------------------------------------------------------------
+
+
+def test_guard_defaults_are_the_documented_ones() -> None:
+    guard = Policy().guard
+    assert guard.max_deprovision == 25
+    assert guard.max_deprovision_ratio == 0.2
+    assert guard.ratio_floor == 20
+
+
+def test_small_removal_goes_out() -> None:
+    plan = run(staying=50, leaving=2)
+
+    assert_released(plan, leaving=2)
+
+
+# --- max_deprovision ------------------------------------------------------------------------------
+
+
+def test_exactly_max_deprovision_removals_are_not_held() -> None:
+    # 25 of 200 provisioned is 12.5%: only the absolute threshold is in play.
+    plan = run(staying=175, leaving=25)
+
+    assert_released(plan, leaving=25)
+
+
+def test_one_more_than_max_deprovision_holds_every_removal() -> None:
+    plan = run(staying=174, leaving=26)
+
+    assert_held(plan, leaving=26)
+    assert codes(plan) == {HoldCode.TOO_MANY_DEPROVISIONS}
+    assert "26" in plan.hold_reasons[0].message
+    assert "25" in plan.hold_reasons[0].message
+
+
+def test_held_plan_still_provisions_new_employees() -> None:
+    plan = run(staying=174, leaving=26, joining=3)
+
+    assert_held(plan, leaving=26)
+    assert [item.user_id for item in plan.provision] == [
+        "u-join-0000",
+        "u-join-0001",
+        "u-join-0002",
+    ]
+    assert plan.actions == plan.provision
+
+
+def test_held_items_keep_their_evidence() -> None:
+    plan = run(staying=174, leaving=26)
+
+    assert all(item.rule == "absent_from_sharefile" for item in plan.held)
+    assert all(item.sm_state is PROVISIONED for item in plan.held)
+    assert [item.match_key for item in plan.held] == sorted(item.match_key for item in plan.held)
+
+
+def test_max_deprovision_is_configurable() -> None:
+    policy = Policy(guard=SafetyGuard(max_deprovision=2))
+
+    assert_released(run(staying=50, leaving=2, policy=policy), leaving=2)
+    assert_held(run(staying=50, leaving=3, policy=policy), leaving=3)
+
+
+# --- ratio ----------------------------------------------------------------------------------------
+
+
+def test_exactly_the_max_ratio_is_not_held() -> None:
+    plan = run(staying=80, leaving=20)  # 20 of 100 = 20%
+
+    assert_released(plan, leaving=20)
+
+
+def test_above_the_max_ratio_is_held() -> None:
+    plan = run(staying=79, leaving=21)  # 21 of 100 = 21%, under max_deprovision
+
+    assert_held(plan, leaving=21)
+    assert codes(plan) == {HoldCode.DEPROVISION_RATIO}
+
+
+def test_ratio_applies_from_the_floor() -> None:
+    plan = run(staying=15, leaving=5)  # 5 of 20 = 25%, with exactly ratio_floor provisioned
+
+    assert_held(plan, leaving=5)
+    assert codes(plan) == {HoldCode.DEPROVISION_RATIO}
+
+
+def test_ratio_does_not_apply_below_the_floor() -> None:
+    plan = run(staying=9, leaving=10)  # 10 of 19 = 53%, but only 19 provisioned
+
+    assert_released(plan, leaving=10)
+
+
+def test_ratio_at_the_floor_exactly_at_the_limit_is_not_held() -> None:
+    plan = run(staying=16, leaving=4)  # 4 of 20 = 20%
+
+    assert_released(plan, leaving=4)
+
+
+def test_both_thresholds_are_reported_when_both_are_exceeded() -> None:
+    plan = run(staying=50, leaving=30)
+
+    assert codes(plan) == {HoldCode.TOO_MANY_DEPROVISIONS, HoldCode.DEPROVISION_RATIO}
+
+
+# --- an incomplete ShareFile answer ---------------------------------------------------------------
+
+
+def test_empty_sharefile_side_holds_removals() -> None:
+    plan = run(staying=0, leaving=3)
+
+    assert_held(plan, leaving=3)
+    assert codes(plan) == {HoldCode.SOURCE_EMPTY}
+
+
+def test_sharefile_side_with_only_client_users_counts_as_empty() -> None:
+    sm_users = [SmUser(id="u-1", state=PROVISIONED, email="ann@acme.example")]
+    clients = [SharefileUser(id="sf-1", email="ann@acme.example", is_employee=False)]
+
+    plan = reconcile(sm_users, clients, customer_id="cust-1")
+
+    assert_held(plan, leaving=1)
+    assert codes(plan) == {HoldCode.SOURCE_EMPTY}
+
+
+def test_empty_sharefile_side_without_provisioned_users_holds_nothing() -> None:
+    plan = reconcile(
+        [SmUser(id="u-1", state=SharefileState.NOT_PROVISIONED, email="a@x.example")], []
+    )
+
+    assert plan.hold_reasons == ()
+    assert plan.held == ()
+
+
+def test_feed_that_declared_more_employees_than_it_returned_holds_removals() -> None:
+    plan = run(staying=10, leaving=1, declared=11)
+
+    assert_held(plan, leaving=1)
+    assert codes(plan) == {HoldCode.SOURCE_INCOMPLETE}
+    assert plan.sharefile_declared == 11
+    assert "11" in plan.hold_reasons[0].message
+
+
+@pytest.mark.parametrize("declared", [None, 10, 9])
+def test_feed_that_returned_what_it_declared_is_trusted(declared: int | None) -> None:
+    plan = run(staying=10, leaving=1, declared=declared)
+
+    assert_released(plan, leaving=1)
+
+
+def test_guard_ignores_plans_without_removals() -> None:
+    plan = run(staying=0, leaving=0, joining=2, declared=50)
+
+    assert plan.hold_reasons == ()
+    assert len(plan.provision) == 2
+
+
+def test_disabled_employee_removals_count_towards_the_guard() -> None:
+    sm_users, employees = customer(staying=100, leaving=0)
+    disabled = [
+        SharefileUser(id=e.id, email=e.email, is_disabled=n < 26) for n, e in enumerate(employees)
+    ]
+    policy = Policy(disabled_employees=DisabledEmployees.DEPROVISION)
+
+    plan = reconcile(sm_users, disabled, policy, customer_id="cust-1")
+
+    assert_held(plan, leaving=26)
+    assert codes(plan) == {HoldCode.TOO_MANY_DEPROVISIONS, HoldCode.DEPROVISION_RATIO}
+
+
+# --- SafetyGuard.check on its own -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("deprovisions", "provisioned", "expected"),
+    [
+        (25, 1000, set()),
+        (26, 1000, {HoldCode.TOO_MANY_DEPROVISIONS}),
+        (20, 100, set()),
+        (21, 100, {HoldCode.DEPROVISION_RATIO}),
+        (4, 20, set()),
+        (5, 20, {HoldCode.DEPROVISION_RATIO}),
+        (19, 19, set()),
+        (0, 0, set()),
+    ],
+)
+def test_check_thresholds_at_their_boundaries(
+    deprovisions: int, provisioned: int, expected: set[HoldCode]
+) -> None:
+    reasons = SafetyGuard().check(
+        deprovisions=deprovisions,
+        provisioned=provisioned,
+        employees_received=provisioned,
+        employees_declared=None,
+    )
+
+    assert {r.code for r in reasons} == expected
+
+
+# --- approval -------------------------------------------------------------------------------------
+
+
+def test_approving_the_held_plan_releases_exactly_its_removals() -> None:
+    held = run(staying=174, leaving=26)
+
+    approved = run(staying=174, leaving=26, policy=Policy(approved_plan_id=held.plan_id))
+
+    assert approved.plan_id == held.plan_id
+    assert approved.approved is True
+    assert approved.deprovision == held.held
+    assert approved.held == ()
+    assert approved.hold_reasons == ()
+
+
+def test_approval_of_a_plan_whose_inputs_changed_does_not_release() -> None:
+    held = run(staying=174, leaving=26)
+
+    # One more user left ShareFile since the operator looked: a different plan.
+    changed = run(staying=173, leaving=27, policy=Policy(approved_plan_id=held.plan_id))
+
+    assert changed.plan_id != held.plan_id
+    assert_held(changed, leaving=27)
+
+
+def test_approval_for_another_customer_does_not_release() -> None:
+    sm_users, employees = customer(staying=174, leaving=26)
+    held = reconcile(sm_users, employees, customer_id="cust-1")
+
+    other = reconcile(
+        sm_users, employees, Policy(approved_plan_id=held.plan_id), customer_id="cust-2"
+    )
+
+    assert_held(other, leaving=26)
+
+
+def test_approval_of_a_plan_that_needs_none_changes_nothing() -> None:
+    plain = run(staying=50, leaving=2)
+
+    approved = run(staying=50, leaving=2, policy=Policy(approved_plan_id=plain.plan_id))
+
+    assert approved == plain
+    assert approved.approved is False
+
+
+def test_plan_id_is_stable_and_content_based() -> None:
+    first = run(staying=30, leaving=3, joining=2)
+    again = run(staying=30, leaving=3, joining=2)
+    more = run(staying=30, leaving=3, joining=3)
+
+    assert first.plan_id == again.plan_id
+    assert first.plan_id.startswith("plan-")
+    assert more.plan_id != first.plan_id
+
+
+def test_plan_id_does_not_depend_on_whether_the_guard_held() -> None:
+    strict = Policy(guard=SafetyGuard(max_deprovision=0))
+
+    assert run(staying=30, leaving=3, policy=strict).plan_id == run(staying=30, leaving=3).plan_id
