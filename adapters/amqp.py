@@ -1,0 +1,512 @@
+"""The RabbitMQ broker: one pika connection on its own I/O thread, driven by thread-safe calls.
+
+Why SelectConnection rather than BlockingConnection: publisher confirms arrive asynchronously, so
+a scheduler can publish 10,000 commands and wait once for all their confirms instead of one
+round trip each; and the I/O loop never waits on application work, so heartbeats always flow
+while worker threads run long HTTP calls. Every other thread reaches the connection only through
+`ioloop.add_callback_threadsafe` (pika's documented thread-safety rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from adapters.broker import Delivery, Outgoing
+from adapters.topology import QueueSpec, Topology
+from domain.errors import ConfigError, TransientError
+
+log = logging.getLogger("sfsync.broker.amqp")
+
+RECONNECT_INITIAL_S = 0.5
+RECONNECT_MAX_S = 15.0
+PUBLISH_TIMEOUT_S = 60.0
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    params = pika.URLParameters(url)
+    scheme = url.split("://", 1)[0]
+    return (
+        f"{scheme}://{params.credentials.username}:***@{params.host}:{params.port}{_vhost(params)}"
+    )
+
+
+def _vhost(params: pika.URLParameters) -> str:
+    return "/" if params.virtual_host == "/" else f"/{params.virtual_host}"
+
+
+@dataclass
+class _Consumer:
+    spec: QueueSpec
+    on_delivery: Callable[[Delivery], None]
+    prefetch: int
+    tag: str | None = None
+    channel: Channel | None = None  # the channel it is subscribed on, if any
+    active: bool = True
+
+
+class AmqpDelivery:
+    """A delivery from RabbitMQ; ack/requeue are thread-safe and ignored after a reconnect
+    (the broker has already put the message back for redelivery)."""
+
+    def __init__(
+        self,
+        broker: AmqpBroker,
+        channel: Channel,
+        queue: str,
+        method: Basic.Deliver,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._broker = broker
+        self._channel = channel
+        self._tag = method.delivery_tag
+        self.body = body
+        self.queue = queue
+        self.routing_key = method.routing_key
+        self.headers: Mapping[str, Any] = dict(properties.headers or {})
+        self.redelivered = bool(method.redelivered)
+        self.message_id = properties.message_id
+        self.correlation_id = properties.correlation_id
+        self.type = properties.type
+
+    def ack(self) -> None:
+        self._broker._on_io_thread(self._settle_ack)
+
+    def requeue(self) -> None:
+        self._broker._on_io_thread(self._settle_requeue)
+
+    def _settle_ack(self) -> None:
+        if self._still_open():
+            self._channel.basic_ack(self._tag)
+
+    def _settle_requeue(self) -> None:
+        if self._still_open():
+            self._channel.basic_nack(self._tag, requeue=True)
+
+    def _still_open(self) -> bool:
+        """Our channel is the broker's current one: after a reconnect the tag means nothing."""
+        return bool(self._channel.is_open and self._channel is self._broker._channel)
+
+
+class AmqpBroker:
+    """A RabbitMQ connection that declares the topology, publishes with confirms and consumes.
+
+    It reconnects by itself (with backoff, trying each URL in random order) whenever the
+    connection drops, re-declares the topology and re-subscribes its consumers.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        topology: Topology,
+        *,
+        name: str = "sfsync",
+        heartbeat_s: int = 30,
+    ) -> None:
+        if not urls:
+            raise ConfigError("no AMQP URL given")
+        self._parameters = []
+        for url in urls:
+            try:
+                params = pika.URLParameters(url)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"invalid AMQP URL {redact_url(url)}: {exc}") from None
+            params.heartbeat = heartbeat_s
+            params.client_properties = {"connection_name": name}
+            params.blocked_connection_timeout = 60
+            self._parameters.append((redact_url(url), params))
+        self.topology = topology
+        self._name = name
+        self._connection: SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._consumers: dict[str, _Consumer] = {}
+        self._pending: dict[int, Future[None]] = {}
+        # Every publish future not yet settled, so that a lost connection fails them all, even
+        # those whose publish callback never reached the I/O thread.
+        self._unsettled: set[Future[None]] = set()
+        self._next_tag = 0
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+        self._stopped = threading.Event()
+        self._fatal: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- Broker protocol ---------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{self._name}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.05):
+            if self._fatal is not None or time.monotonic() > deadline:
+                break
+        if not self._ready.is_set() or self._fatal is not None:
+            fatal = self._fatal
+            self.close()
+            if fatal is not None:
+                raise fatal
+            targets = ", ".join(url for url, _ in self._parameters)
+            raise TransientError(f"no RabbitMQ answered within {timeout_s:.0f}s at {targets}")
+
+    def publish(self, messages: Sequence[Outgoing], timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
+        if not messages:
+            return
+        if not self._ready.wait(timeout_s):
+            raise TransientError("broker not connected", call="publish")
+        futures: list[Future[None]] = [Future() for _ in messages]
+        with self._lock:
+            self._unsettled.update(futures)
+        lost = TransientError("broker not connected", call="publish")
+        self._on_io_thread(
+            lambda: self._publish_now(messages, futures),
+            fallback=lambda: _fail_all(futures, lost),
+        )
+        try:
+            for future in futures:
+                future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TransientError(f"no confirm within {timeout_s:.0f}s", call="publish") from None
+        finally:
+            with self._lock:
+                self._unsettled.difference_update(futures)
+
+    def consume(
+        self, queue: QueueSpec, on_delivery: Callable[[Delivery], None], prefetch: int
+    ) -> None:
+        consumer = _Consumer(spec=queue, on_delivery=on_delivery, prefetch=max(1, prefetch))
+        with self._lock:
+            self._consumers[queue.name] = consumer
+        done: Future[None] = Future()
+        self._on_io_thread(
+            lambda: self._subscribe(consumer, done), fallback=lambda: done.set_result(None)
+        )
+        # Not connected right now is fine: every (re)connect subscribes the registered consumers.
+        deadline = time.monotonic() + 30
+        while not done.done():
+            if self._fatal is not None:
+                raise self._fatal
+            if time.monotonic() > deadline:
+                raise TransientError(f"could not subscribe to {queue.name}", call="consume")
+            try:
+                done.result(timeout=0.1)
+            except FutureTimeout:
+                continue
+
+    def cancel(self, queue: str) -> None:
+        with self._lock:
+            consumer = self._consumers.pop(queue, None)
+        if consumer is None:
+            return
+        consumer.active = False
+        done: Future[None] = Future()
+
+        def cancel_now() -> None:
+            channel = self._channel
+            if consumer.tag and channel is not None and channel.is_open:
+                channel.basic_cancel(consumer.tag, callback=lambda _frame: done.set_result(None))
+            else:
+                done.set_result(None)
+
+        self._on_io_thread(cancel_now, fallback=lambda: done.set_result(None))
+        try:
+            done.result(timeout=10)
+        except FutureTimeout:
+            log.warning("cancel of consumer on %s not confirmed", queue)
+
+    def close(self) -> None:
+        self._closing.set()
+        connection = self._connection
+        if connection is not None:
+            self._on_io_thread(self._close_now)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=15)
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    # -- thread hand-off ---------------------------------------------------------------------
+
+    def _on_io_thread(
+        self, callback: Callable[[], None], fallback: Callable[[], None] | None = None
+    ) -> None:
+        connection = self._connection
+        try:
+            if connection is None:
+                raise pika.exceptions.ConnectionWrongStateError("not connected")
+            connection.ioloop.add_callback_threadsafe(callback)
+        except (pika.exceptions.AMQPError, RuntimeError, AttributeError):
+            # Nothing to do on a dead connection: the broker requeues unacked deliveries.
+            if fallback is not None:
+                fallback()
+
+    # -- the I/O thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = RECONNECT_INITIAL_S
+        while not self._closing.is_set():
+            url, params = random.choice(self._parameters)
+            log.info("connecting to %s", url)
+            self._connection = SelectConnection(
+                params,
+                on_open_callback=self._on_connection_open,
+                on_open_error_callback=self._on_connection_error,
+                on_close_callback=self._on_connection_closed,
+            )
+            self._connection.ioloop.start()
+            # The loop stopped: the connection is gone (or we are closing). Closing the loop
+            # frees its wake-up sockets; later thread-safe calls on it fail and are handled.
+            self._connection.ioloop.close()
+            self._fail_pending(TransientError("connection to RabbitMQ lost", call="publish"))
+            if self._closing.is_set() or self._fatal is not None:
+                break
+            jittered = delay * (0.5 + random.random())
+            log.warning("RabbitMQ connection lost; reconnecting in %.1fs", jittered)
+            self._closing.wait(jittered)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            if self._ready.is_set():
+                delay = RECONNECT_INITIAL_S
+        self._stopped.set()
+
+    def _on_connection_open(self, connection: SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_error(self, connection: SelectConnection, error: BaseException) -> None:
+        log.warning("could not connect to RabbitMQ: %s", _describe(error))
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: SelectConnection, reason: BaseException) -> None:
+        self._ready.clear()
+        self._channel = None
+        if not self._closing.is_set():
+            log.warning("RabbitMQ connection closed: %s", _describe(reason))
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        self._pending.clear()
+        self._next_tag = 0
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare_all())
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        # A closed channel is a protocol error (e.g. a queue declared with other arguments).
+        self._ready.clear()
+        if not self._closing.is_set():
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code in (
+                403,
+                406,
+            ):
+                self._fatal = ConfigError(f"RabbitMQ refused the topology: {reason.reply_text}")
+                log.error("%s", self._fatal)
+            else:
+                log.warning("RabbitMQ channel closed: %s", _describe(reason))
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.close()
+
+    def _on_consumer_cancelled(self, frame: Any) -> None:
+        log.warning("RabbitMQ cancelled a consumer (queue deleted?); reconnecting")
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _declare_all(self) -> None:
+        steps: list[Callable[[Callable[[Any], None]], None]] = []
+        channel = self._channel
+        assert channel is not None
+        topology = self.topology
+        steps.append(
+            lambda cb: channel.exchange_declare(
+                exchange=topology.exchange, exchange_type="topic", durable=True, callback=cb
+            )
+        )
+        for spec in topology.queues():
+            steps.extend(self._queue_steps(channel, spec))
+        with self._lock:
+            consumers = list(self._consumers.values())
+        for consumer in consumers:
+            steps.extend(self._queue_steps(channel, consumer.spec))
+            steps.append(self._consume_step(channel, consumer))
+
+        def ready() -> None:
+            log.info("RabbitMQ ready (exchange %s)", topology.exchange)
+            self._ready.set()
+
+        _chain(steps, ready)
+
+    def _queue_steps(
+        self, channel: Channel, spec: QueueSpec
+    ) -> list[Callable[[Callable[[Any], None]], None]]:
+        arguments: dict[str, Any] = {}
+        if spec.quorum:
+            arguments["x-queue-type"] = "quorum"
+        if spec.message_ttl_ms is not None:
+            arguments["x-message-ttl"] = spec.message_ttl_ms
+        if spec.dead_letter_to is not None:
+            arguments["x-dead-letter-exchange"] = ""
+            arguments["x-dead-letter-routing-key"] = spec.dead_letter_to
+            if spec.quorum:
+                # At-least-once dead-lettering: a message is not lost between the two queues.
+                arguments["x-dead-letter-strategy"] = "at-least-once"
+                arguments["x-overflow"] = "reject-publish"
+        if spec.delivery_limit is not None:
+            arguments["x-delivery-limit"] = spec.delivery_limit
+        if spec.expires_ms is not None:
+            arguments["x-expires"] = spec.expires_ms
+        steps: list[Callable[[Callable[[Any], None]], None]] = [
+            lambda cb: channel.queue_declare(
+                queue=spec.name, durable=True, arguments=arguments, callback=cb
+            )
+        ]
+        for key in spec.routing_keys:
+            steps.append(self._bind_step(channel, spec.name, key))
+        return steps
+
+    def _bind_step(
+        self, channel: Channel, queue: str, key: str
+    ) -> Callable[[Callable[[Any], None]], None]:
+        def step(cb: Callable[[Any], None]) -> None:
+            channel.queue_bind(
+                queue=queue, exchange=self.topology.exchange, routing_key=key, callback=cb
+            )
+
+        return step
+
+    def _consume_step(
+        self, channel: Channel, consumer: _Consumer
+    ) -> Callable[[Callable[[Any], None]], None]:
+        def on_message(
+            ch: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes
+        ) -> None:
+            if not consumer.active:
+                ch.basic_nack(method.delivery_tag, requeue=True)
+                return
+            consumer.on_delivery(
+                AmqpDelivery(self, ch, consumer.spec.name, method, properties, body)
+            )
+
+        def step(cb: Callable[[Any], None]) -> None:
+            # basic_qos per consumer: prefetch applies to consumers started after it.
+            def start(_frame: Any) -> None:
+                # Two chains (connect-time declare and a late consume()) may both reach here.
+                if consumer.channel is channel or not consumer.active:
+                    cb(None)
+                    return
+                consumer.channel = channel
+                consumer.tag = channel.basic_consume(consumer.spec.name, on_message, callback=cb)
+
+            channel.basic_qos(prefetch_count=consumer.prefetch, callback=start)
+
+        return step
+
+    def _subscribe(self, consumer: _Consumer, done: Future[None]) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            # Not connected now: _declare_all subscribes it on the next (re)connect.
+            done.set_result(None)
+            return
+        steps = self._queue_steps(channel, consumer.spec)
+        steps.append(self._consume_step(channel, consumer))
+        _chain(steps, lambda: done.set_result(None))
+
+    def _publish_now(self, messages: Sequence[Outgoing], futures: list[Future[None]]) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            _fail_all(futures, TransientError("broker not connected", call="publish"))
+            return
+        for out, future in zip(messages, futures, strict=True):
+            properties = BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=out.message_id,
+                correlation_id=out.correlation_id,
+                type=out.type,
+                headers=dict(out.headers) or None,
+            )
+            exchange = self.topology.exchange if out.exchange is None else out.exchange
+            try:
+                channel.basic_publish(exchange, out.routing_key, out.body, properties)
+            except pika.exceptions.AMQPError as exc:
+                _settle(future, TransientError(f"publish failed: {exc!r}", call="publish"))
+                continue
+            self._next_tag += 1
+            self._pending[self._next_tag] = future
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        tags = [t for t in self._pending if t <= tag] if method.multiple else [tag]
+        nacked = isinstance(method, Basic.Nack)
+        for t in tags:
+            future = self._pending.pop(t, None)
+            if future is not None:
+                _settle(
+                    future,
+                    TransientError("RabbitMQ rejected a publish", call="publish")
+                    if nacked
+                    else None,
+                )
+
+    def _fail_pending(self, error: TransientError) -> None:
+        self._pending = {}
+        with self._lock:
+            unsettled = list(self._unsettled)
+        _fail_all(unsettled, error)
+
+    def _close_now(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.close()
+        elif connection is not None:
+            connection.ioloop.stop()
+
+
+def _fail_all(futures: Sequence[Future[None]], error: BaseException) -> None:
+    for future in futures:
+        _settle(future, error)
+
+
+def _settle(future: Future[None], error: BaseException | None = None) -> None:
+    """Complete a future once; a confirm racing a connection loss must not raise."""
+    try:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass
+
+
+def _chain(steps: list[Callable[[Callable[[Any], None]], None]], done: Callable[[], None]) -> None:
+    """Run callback-style AMQP operations one after another, then `done`."""
+    remaining = iter(steps)
+
+    def next_step(_frame: Any = None) -> None:
+        step = next(remaining, None)
+        if step is None:
+            done()
+        else:
+            step(next_step)
+
+    next_step()
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -1,0 +1,205 @@
+"""The RabbitMQ adapter against a real broker: topology, confirms, acks, retries, reconnects."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pika
+import pytest
+from tenacity import Retrying, stop_after_delay, wait_fixed
+
+from adapters.amqp import AmqpBroker, redact_url
+from adapters.broker import Delivery, Outgoing
+from adapters.topology import REASON_HEADER, Topology
+from consumers.runner import MessageRunner, Outcome, QueueConsumer
+from domain.errors import ConfigError, TransientError
+
+pytestmark = pytest.mark.broker
+
+
+def eventually(condition, seconds: float = 15.0) -> None:
+    for attempt in Retrying(stop=stop_after_delay(seconds), wait=wait_fixed(0.05), reraise=True):
+        with attempt:
+            assert condition()
+
+
+def out(key: str, body: bytes = b"{}") -> Outgoing:
+    return Outgoing(key, body, "m", "c", key)
+
+
+@pytest.fixture
+def broker(amqp_url: str, topology: Topology) -> Iterator[AmqpBroker]:
+    b = AmqpBroker([amqp_url], topology, name=f"{topology.prefix}-test", heartbeat_s=5)
+    b.start()
+    yield b
+    b.close()
+
+
+def queue_info(amqp_url: str, name: str) -> tuple[int, dict]:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        frame = connection.channel().queue_declare(name, passive=True)
+        return frame.method.message_count, {}
+    finally:
+        connection.close()
+
+
+def test_topology_is_durable_quorum_queues_and_declaring_twice_is_harmless(
+    amqp_url: str, topology: Topology, broker: AmqpBroker
+) -> None:
+    again = AmqpBroker([amqp_url], topology, name="again")
+    again.start()
+    again.close()
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "type", "durable"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.startswith(topology.prefix)
+    }
+    assert set(rows) == {spec.name for spec in topology.queues()}
+    assert all(row == ["quorum", "true"] for row in rows.values())
+
+
+def test_published_messages_are_confirmed_routed_and_consumed(
+    broker: AmqpBroker, topology: Topology
+) -> None:
+    got: list[Delivery] = []
+    broker.publish(
+        [out("sync.command", b'{"n":%d}' % i) for i in range(50)] + [out("provisioning.requested")]
+    )
+    broker.consume(topology.queues()[0], lambda d: (got.append(d), d.ack()), prefetch=10)
+    eventually(lambda: len(got) == 50)
+    assert got[0].type == "sync.command" and got[0].routing_key == "sync.command"
+
+
+def test_a_queue_declared_with_other_arguments_is_a_clear_config_error(
+    amqp_url: str, topology: Topology
+) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection.channel().queue_declare(topology.sync_queue, durable=True)  # classic, no arguments
+    connection.close()
+    with pytest.raises(ConfigError, match="refused the topology"):
+        AmqpBroker([amqp_url], topology).start(timeout_s=10)
+
+
+def test_nothing_answering_is_a_transient_error_naming_the_url_without_password(
+    topology: Topology,
+) -> None:
+    with pytest.raises(TransientError) as error:
+        AmqpBroker(["amqp://guest:hunter2@127.0.0.1:1/"], topology).start(timeout_s=2)
+    assert "127.0.0.1:1" in str(error.value) and "hunter2" not in str(error.value)
+    assert redact_url("amqp://u:pw@h:5672/v") == "amqp://u:***@h:5672/v"
+
+
+class Flaky:
+    def __init__(self, fail_times: int) -> None:
+        self.fail_times = fail_times
+        self.calls = 0
+
+    def handle(self, message):
+        self.calls += 1
+        if self.calls <= self.fail_times:
+            raise TransientError("503 from ShareFile", customer_id="c1")
+        return []
+
+    def on_give_up(self, message, error):
+        return []
+
+
+def a_command() -> bytes:
+    from domain.messages import SyncCommand
+    from tests.fakes import fixed_stamper
+
+    return fixed_stamper()(SyncCommand(customer_id="c1", run_id="r"), correlation_id="r").to_json()
+
+
+def test_transient_failures_come_back_through_the_retry_queue_then_park(
+    amqp_url: str, broker: AmqpBroker, topology: Topology
+) -> None:
+    handler = Flaky(fail_times=10)
+    runner = MessageRunner(broker, topology, handler, max_attempts=3)
+    consumer = QueueConsumer(broker, topology.queues()[0], runner, concurrency=2)
+    consumer.start()
+    broker.publish([out("sync.command", a_command())])
+    eventually(lambda: runner.counts[Outcome.PARKED] == 1)
+    consumer.stop()
+    assert handler.calls == 3 and runner.counts[Outcome.RETRIED] == 2
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        _method, properties, body = connection.channel().basic_get(
+            topology.dead_queue(topology.sync_queue), auto_ack=True
+        )
+        assert body == a_command()
+        assert "gave up after 3 attempts" in properties.headers[REASON_HEADER]
+    finally:
+        connection.close()
+
+
+def close_connections_named(name: str) -> int:
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    pids = [line.split()[0] for line in listing.splitlines() if f'"{name}"' in line]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, "test: broker goes away"],
+            check=True,
+            timeout=60,
+        )
+    return len(pids)
+
+
+def test_a_closed_connection_is_reopened_and_consumers_resume(
+    broker: AmqpBroker, topology: Topology
+) -> None:
+    got: list[bytes] = []
+    broker.consume(topology.queues()[0], lambda d: (got.append(d.body), d.ack()), prefetch=5)
+    broker.publish([out("sync.command", b"before")])
+    eventually(lambda: got == [b"before"])
+    assert close_connections_named(f"{topology.prefix}-test") == 1
+    eventually(lambda: not broker.connected, seconds=10)
+    eventually(lambda: broker.connected, seconds=30)
+    broker.publish([out("sync.command", b"after")])
+    eventually(lambda: got == [b"before", b"after"])
+
+
+def test_a_handler_slower_than_two_heartbeats_does_not_lose_the_connection(
+    amqp_url: str, topology: Topology
+) -> None:
+    broker = AmqpBroker([amqp_url], topology, name="slow", heartbeat_s=1)
+    broker.start()
+    done = threading.Event()
+
+    class Slow:
+        def handle(self, message):
+            time.sleep(3.5)  # the work itself: longer than two heartbeat intervals
+            done.set()
+            return []
+
+        def on_give_up(self, message, error):
+            return []
+
+    runner = MessageRunner(broker, topology, Slow())
+    consumer = QueueConsumer(broker, topology.queues()[0], runner, concurrency=1)
+    try:
+        consumer.start()
+        broker.publish([out("sync.command", a_command())])
+        assert done.wait(20)
+        eventually(lambda: runner.counts[Outcome.ACKED] == 1)
+        assert broker.connected
+    finally:
+        consumer.stop()
+        broker.close()
