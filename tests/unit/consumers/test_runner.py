@@ -1,0 +1,168 @@
+"""The shared runner maps every outcome of a handler to the right acknowledgement."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from tenacity import Retrying, stop_after_delay, wait_fixed
+
+from adapters.broker import Outgoing
+from adapters.memory import MemoryBroker
+from adapters.topology import ATTEMPT_HEADER, REASON_HEADER, Topology
+from consumers.runner import MessageRunner, Outcome, QueueConsumer
+from domain.errors import PermanentError, SfsyncError, TransientError
+from domain.messages import Envelope, SyncCommand, SyncFailed, decode
+from domain.report import SyncReport
+from tests.fakes import fixed_stamper
+
+STAMP = fixed_stamper()
+
+
+def command(customer: str = "c1") -> bytes:
+    return STAMP(SyncCommand(customer_id=customer, run_id="r1"), correlation_id="r1").to_json()
+
+
+class ScriptedHandler:
+    """Raises the scripted errors in turn, then succeeds with one sync.completed."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def handle(self, message: Envelope[Any]) -> Sequence[Envelope[Any]]:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        report = SyncReport(
+            customer_id=message.payload.customer_id, run_id="r1", outcome="completed"
+        )
+        from domain.messages import report_payload
+
+        return [STAMP(report_payload(report), correlation_id="r1")]
+
+    def on_give_up(self, message: Envelope[Any], error: SfsyncError) -> Sequence[Envelope[Any]]:
+        failed = SyncFailed(
+            customer_id=message.payload.customer_id, run_id="r1", outcome="failed", error=str(error)
+        )
+        return [STAMP(failed, correlation_id="r1")]
+
+
+@pytest.fixture
+def broker() -> Iterator[MemoryBroker]:
+    b = MemoryBroker(Topology(prefix="t", retry_delay_ms=50))
+    b.start()
+    # A listener for events, so that tests can read what the runner published.
+    from adapters.topology import QueueSpec
+
+    b._declare(QueueSpec("t.events", ("sync.completed", "sync.failed")))
+    yield b
+    b.close()
+
+
+def run(
+    broker: MemoryBroker, handler: ScriptedHandler, body: bytes, max_attempts: int = 3
+) -> list[Outcome]:
+    runner = MessageRunner(broker, broker.topology, handler, max_attempts=max_attempts)
+    consumer = QueueConsumer(broker, broker.topology.queues()[0], runner, concurrency=1)
+    broker.publish([Outgoing("sync.command", body, "m1", "r1", "sync.command")])
+    consumer.start()
+    for attempt in Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.02), reraise=True):
+        with attempt:
+            assert broker.depth("t.sync") == 0 and broker.depth("t.sync.retry") == 0
+            assert consumer.wait_idle(0)
+            assert sum(runner.counts.values()) >= 1
+            assert runner.counts[Outcome.RETRIED] == sum(runner.counts.values()) - 1
+    consumer.stop()
+    return list(runner.counts.elements())
+
+
+def events(broker: MemoryBroker) -> list[str]:
+    return [json.loads(body)["type"] for body, _ in broker.messages("t.events")]
+
+
+def test_success_publishes_the_outputs_and_acks(broker: MemoryBroker) -> None:
+    outcomes = run(broker, ScriptedHandler(), command())
+    assert outcomes == [Outcome.ACKED]
+    assert events(broker) == ["sync.completed"]
+
+
+def test_undecodable_message_is_parked_with_the_reason(broker: MemoryBroker) -> None:
+    handler = ScriptedHandler()
+    outcomes = run(broker, handler, b"\xff not json")
+    assert outcomes == [Outcome.PARKED]
+    assert handler.calls == 0
+    [(body, headers)] = broker.messages("t.sync.dead")
+    assert body == b"\xff not json"
+    assert headers[REASON_HEADER].startswith("invalid message: body is not UTF-8")
+
+
+def test_transient_error_is_retried_later_then_succeeds(broker: MemoryBroker) -> None:
+    handler = ScriptedHandler(TransientError("503", customer_id="c1"))
+    outcomes = run(broker, handler, command())
+    assert sorted(outcomes) == sorted([Outcome.RETRIED, Outcome.ACKED])
+    assert handler.calls == 2
+    assert events(broker) == ["sync.completed"]
+
+
+def test_transient_errors_past_max_attempts_report_failure_and_park(broker: MemoryBroker) -> None:
+    handler = ScriptedHandler(*(TransientError("503", customer_id="c1") for _ in range(5)))
+    outcomes = run(broker, handler, command(), max_attempts=3)
+    assert outcomes.count(Outcome.RETRIED) == 2 and outcomes.count(Outcome.PARKED) == 1
+    assert handler.calls == 3
+    assert events(broker) == ["sync.failed"]
+    [(_, headers)] = broker.messages("t.sync.dead")
+    assert headers[ATTEMPT_HEADER] == 2
+    assert "gave up after 3 attempts" in headers[REASON_HEADER]
+
+
+def test_permanent_error_reports_failure_and_parks_at_once(broker: MemoryBroker) -> None:
+    handler = ScriptedHandler(PermanentError("not_found", customer_id="c1", status=404))
+    assert run(broker, handler, command()) == [Outcome.PARKED]
+    assert handler.calls == 1
+    assert events(broker) == ["sync.failed"]
+    failed = decode(broker.messages("t.events")[0][0]).payload
+    assert "not_found" in failed.error
+
+
+def test_a_crashing_handler_parks_the_message_instead_of_killing_the_worker(
+    broker: MemoryBroker,
+) -> None:
+    handler = ScriptedHandler(ZeroDivisionError("bug"))
+    assert run(broker, handler, command()) == [Outcome.PARKED]
+    [(_, headers)] = broker.messages("t.sync.dead")
+    assert "internal error: ZeroDivisionError" in headers[REASON_HEADER]
+
+
+class FailingPublishBroker(MemoryBroker):
+    def __init__(self, topology: Topology, failures: int) -> None:
+        super().__init__(topology)
+        self.failures = failures
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        if self.failures and messages:
+            self.failures -= 1
+            raise TransientError("connection to RabbitMQ lost", call="publish")
+        super().publish(messages)
+
+
+def test_outputs_that_cannot_be_published_send_the_message_back_to_its_queue() -> None:
+    broker = FailingPublishBroker(Topology(prefix="t", retry_delay_ms=50), failures=0)
+    broker.start()
+    try:
+        broker.publish([Outgoing("sync.command", command(), "m1", "r1", "sync.command")])
+        broker.failures = 1
+        handler = ScriptedHandler()
+        runner = MessageRunner(broker, broker.topology, handler)
+        consumer = QueueConsumer(broker, broker.topology.queues()[0], runner, concurrency=1)
+        consumer.start()
+        for attempt in Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.02), reraise=True):
+            with attempt:
+                assert runner.counts[Outcome.ACKED] == 1
+        consumer.stop()
+        assert runner.counts[Outcome.REQUEUED] == 1
+        assert handler.calls == 2  # handled again after the requeue: handlers are idempotent
+    finally:
+        broker.close()
