@@ -80,7 +80,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
-    print(f"building {args.users:,} SM users and ~{args.users:,} ShareFile employees ...", file=sys.stderr)
+    print(
+        f"building {args.users:,} SM users and ~{args.users:,} ShareFile employees ...",
+        file=sys.stderr,
+    )
     started = time.perf_counter()
     sm, sf = build(args.users, args.drift, args.seed)
     build_s = time.perf_counter() - started
@@ -106,7 +109,10 @@ def main() -> int:
     counts = plan.counts()
     rec, base = statistics.median(reconcile_times), statistics.median(baseline_times)
 
-    print(f"\nreconcile, {args.users:,} users per side, {args.drift:.0%} drift (median of {args.repeat})")
+    print(
+        f"\nreconcile, {args.users:,} users per side, {args.drift:.0%} drift "
+        f"(median of {args.repeat})"
+    )
     print(f"{'measure':<40}{'value':>14}")
     print(f"{'build records (once)':<40}{build_s:>13.2f}s")
     print(f"{'baseline: bare dict join':<40}{base:>13.2f}s")
@@ -114,7 +120,10 @@ def main() -> int:
     print(f"{'reconcile / baseline':<40}{rec / base:>13.1f}x")
     print(f"{'peak RSS after building records':<40}{rss_records:>11.0f} MB")
     print(f"{'peak RSS after reconcile':<40}{_rss_mb():>11.0f} MB")
-    print(f"{'plan: provision / deprovision':<40}{counts['provision']:>7,} / {counts['deprovision']:,}")
+    print(
+        f"{'plan: provision / deprovision':<40}"
+        f"{counts['provision']:>7,} / {counts['deprovision']:,}"
+    )
     print(f"{'plan: in sync':<40}{counts['in_sync']:>14,}")
     return 0
 

@@ -1,0 +1,65 @@
+"""One sync cycle in one process: every role on one broker, until every customer is reported."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from consumers.run_tracker import RunProgress, RunResult
+from sfsync.bootstrap import new_run_id, running, track_run
+from sfsync.settings import Settings
+
+log = logging.getLogger("sfsync.sync")
+
+
+class RunTimeout(Exception):
+    """The run did not finish in time; `result` holds what was reported so far."""
+
+    def __init__(self, result: RunResult, timeout_s: float) -> None:
+        self.result = result
+        super().__init__(
+            f"run {result.run_id} not finished after {timeout_s:.0f}s: "
+            f"{len(result.missing)} of {len(result.customer_ids)} customers not reported"
+        )
+
+
+def sync_once(
+    settings: Settings,
+    *,
+    customer_ids: Sequence[str] = (),
+    dry_run: bool = False,
+    approved_plan_id: str | None = None,
+    timeout_s: float = 3600.0,
+    local_workers: bool = True,
+    on_progress: Callable[[RunProgress], None] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunResult:
+    """Schedule one run, process it (with in-process workers unless `local_workers` is False,
+    e.g. when worker processes already consume the queues) and return every report."""
+    run_id = new_run_id()
+    with running(
+        settings,
+        worker=local_workers,
+        submitter=local_workers,
+        scheduler=True,
+        name="sfsync-sync",
+        overrides=overrides,
+    ) as roles:
+        assert roles.scheduler is not None
+        # Listen before publishing, so that no event of this run can be missed.
+        tracker, listener = track_run(roles, settings, run_id)
+        try:
+            roles.scheduler.run_once(
+                customer_ids=list(customer_ids) or None,
+                dry_run=dry_run,
+                approved_plan_id=approved_plan_id,
+                reason="manual",
+                run_id=run_id,
+                on_listed=tracker.expect,
+            )
+            if not tracker.wait(timeout_s, on_progress=on_progress):
+                raise RunTimeout(tracker.result, timeout_s)
+        finally:
+            listener.stop()
+        return tracker.result

@@ -1,0 +1,138 @@
+"""All configuration, from SFSYNC_* environment variables (and .env), validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from domain.errors import ConfigError
+from domain.policy import DisabledEmployees, Policy, SafetyGuard
+
+DEFAULT_TOKEN_URL = "https://{subdomain}.sharefile.com/oauth/token"  # noqa: S105 - a URL
+
+
+class Settings(BaseSettings):
+    """Every setting of every role. Secrets are SecretStr: they never print."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SFSYNC_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # Broker: memory:// (embedded, one process) or one or more comma-separated amqp(s):// URLs.
+    broker_url: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["memory://"])
+    prefix: str = Field(default="sfsync", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    heartbeat_s: int = Field(default=30, ge=1, le=600)
+
+    # Services Manager
+    sm_url: str | None = None
+    sm_token: SecretStr | None = None
+    sm_page_size: int = Field(default=500, ge=1, le=1000)
+
+    # ShareFile
+    sharefile_token_url_template: str = DEFAULT_TOKEN_URL
+    sharefile_api_url_template: str | None = None
+    sharefile_credentials_file: Path | None = None
+    sharefile_max_concurrency: int = Field(default=4, ge=1, le=64)
+
+    # HTTP (both APIs)
+    http_timeout_s: float = Field(default=30.0, gt=0)
+    http_connect_timeout_s: float = Field(default=5.0, gt=0)
+    http_attempts: int = Field(default=5, ge=1, le=20)
+    http_total_s: float = Field(default=60.0, gt=0)
+
+    # Reconcile policy and the safety guard
+    disabled_employees: DisabledEmployees = DisabledEmployees.KEEP
+    max_deprovision: int = Field(default=25, ge=0)
+    max_deprovision_ratio: float = Field(default=0.2, ge=0.0, le=1.0)
+    deprovision_ratio_floor: int = Field(default=20, ge=0)
+
+    # Workers and delivery
+    concurrency: int = Field(default=4, ge=1, le=256)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_delay_s: float = Field(default=30.0, gt=0)
+    delivery_limit: int = Field(default=20, ge=1)
+
+    log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        if not urls:
+            raise ValueError("give memory:// or at least one amqp:// URL")
+        if "memory://" in urls and len(urls) > 1:
+            raise ValueError("memory:// cannot be combined with other broker URLs")
+        for url in urls:
+            if url != "memory://" and not url.startswith(("amqp://", "amqps://")):
+                raise ValueError("each URL must start with amqp:// or amqps:// (or be memory://)")
+        return urls
+
+    @field_validator("sm_url")
+    @classmethod
+    def _check_sm_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return url.rstrip("/") if url else url
+
+    @field_validator("sharefile_token_url_template", "sharefile_api_url_template")
+    @classmethod
+    def _check_template(cls, template: str | None) -> str | None:
+        if template is not None and "{subdomain}" not in template:
+            raise ValueError("must contain {subdomain}")
+        return template
+
+    @property
+    def uses_memory_broker(self) -> bool:
+        return self.broker_url == ["memory://"]
+
+    def policy(self) -> Policy:
+        return Policy(
+            disabled_employees=self.disabled_employees,
+            guard=SafetyGuard(
+                max_deprovision=self.max_deprovision,
+                max_deprovision_ratio=self.max_deprovision_ratio,
+                ratio_floor=self.deprovision_ratio_floor,
+            ),
+        )
+
+    def require(self, *names: str) -> None:
+        """Fail with one line per missing setting that this role needs."""
+        missing = [name for name in names if getattr(self, name) in (None, "")]
+        if missing:
+            raise ConfigError(
+                "\n".join(f"SFSYNC_{name.upper()}: required for this command" for name in missing)
+            )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and .env) plus explicit overrides; ConfigError lists every problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        shown = (
+            ""
+            if "token" in field or "secret" in field or "password" in field
+            else (f" (got {error.get('input')!r})" if "input" in error else "")
+        )
+        lines.append(f"SFSYNC_{field.upper()}: {error['msg']}{shown}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Settings fail at start-up with one clear line per problem, and never print a secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from domain.errors import ConfigError
+from domain.policy import DisabledEmployees
+from sfsync.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("SFSYNC_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_are_the_embedded_broker_and_the_documented_guard() -> None:
+    settings = load_settings()
+    assert settings.uses_memory_broker
+    guard = settings.policy().guard
+    assert (guard.max_deprovision, guard.max_deprovision_ratio, guard.ratio_floor) == (25, 0.2, 20)
+    assert settings.policy().disabled_employees is DisabledEmployees.KEEP
+
+
+def test_environment_variables_with_the_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqp://a:1/, amqp://b:2/")
+    monkeypatch.setenv("SFSYNC_MAX_DEPROVISION", "3")
+    monkeypatch.setenv("SFSYNC_DISABLED_EMPLOYEES", "deprovision")
+    settings = load_settings()
+    assert settings.broker_url == ["amqp://a:1/", "amqp://b:2/"]
+    assert settings.policy().guard.max_deprovision == 3
+    assert settings.policy().disabled_employees is DisabledEmployees.DEPROVISION
+
+
+def test_a_dotenv_file_is_read(tmp_path) -> None:
+    (tmp_path / ".env").write_text("SFSYNC_CONCURRENCY=7\n")
+    assert load_settings().concurrency == 7
+
+
+def test_every_problem_gets_its_own_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFSYNC_MAX_DEPROVISION", "many")
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "redis://localhost")
+    monkeypatch.setenv("SFSYNC_MAX_DEPROVISION_RATIO", "2")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    lines = str(error.value).splitlines()
+    assert len(lines) == 3
+    assert any(line.startswith("SFSYNC_MAX_DEPROVISION:") and "'many'" in line for line in lines)
+    assert any(line.startswith("SFSYNC_BROKER_URL:") for line in lines)
+    assert any(line.startswith("SFSYNC_MAX_DEPROVISION_RATIO:") for line in lines)
+
+
+def test_a_bad_secret_is_reported_without_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFSYNC_SM_TOKEN", "")
+    monkeypatch.setenv(
+        "SFSYNC_SHAREFILE_TOKEN_URL_TEMPLATE", "https://no-placeholder.example/token"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert "SFSYNC_SHAREFILE_TOKEN_URL_TEMPLATE: Value error, must contain {subdomain}" in str(
+        error.value
+    )
+
+
+def test_the_token_never_appears_in_repr_or_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SFSYNC_SM_TOKEN", "s3cr3t-token-value")
+    settings = load_settings()
+    assert "s3cr3t-token-value" not in repr(settings)
+    assert "s3cr3t-token-value" not in str(settings.model_dump())
+
+
+def test_required_settings_are_named_when_missing() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings().require("sm_url", "sm_token")
+    assert str(error.value).splitlines() == [
+        "SFSYNC_SM_URL: required for this command",
+        "SFSYNC_SM_TOKEN: required for this command",
+    ]
