@@ -1,17 +1,23 @@
 """Measures the simulators' requests/s against a bare starlette+uvicorn baseline in the same run.
 
-Each server runs in its own process (so the client's threads do not share its GIL), on loopback;
-a threaded httpx client (16 threads, one connection pool each) sends a few thousand requests per
-workload. The baseline serves the very bytes the simulator answered, as a constant.
+Each server runs in its own process, on loopback. The load comes from `wrk` (Debian's package)
+when it is installed, since a Python client on this 2-core machine saturates before the server
+does; else (or with --client httpx) from a threaded httpx client (16 threads, one connection pool
+each) sending a few thousand requests per workload. The baseline serves the very bytes the
+simulator answered, as a constant.
 
-    .venv/bin/python bench/simulator_throughput.py [--requests 4000] [--concurrency 16]
+    .venv/bin/python bench/simulator_throughput.py [--client wrk|httpx] [--requests 4000]
+                                                   [--concurrency 16] [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import re
+import shutil
 import statistics
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -139,11 +145,51 @@ def _hammer(
     )
 
 
+def _hammer_wrk(
+    url: str, headers: dict[str, str], seconds: float, concurrency: int, server: Connection
+) -> Measurement:
+    """The same measurement with wrk as the client (C, event-driven: not the bottleneck)."""
+    command = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds:.0f}s", "--latency", url]
+    for name, value in headers.items():
+        command[1:1] = ["-H", f"{name}: {value}"]
+    size = len(httpx.get(url, headers=headers, trust_env=False).content)
+    server.send("cpu")
+    cpu_before = server.recv()
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    server.send("cpu")
+    server_cpu = server.recv() - cpu_before
+    if "Non-2xx" in output:
+        raise RuntimeError(f"wrk saw error answers:\n{output}")
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+
+    def percentile(label: str) -> float:
+        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", output).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return Measurement(
+        requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+        server_cpu_us=server_cpu / total * 1e6,
+        p50_ms=percentile("50"),
+        p99_ms=percentile("99"),
+        bytes_per_answer=size,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per workload, with wrk")
+    parser.add_argument(
+        "--client", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx"
+    )
     args = parser.parse_args()
+
+    def hammer(url: str, headers: dict[str, str], server: Connection) -> Measurement:
+        if args.client == "wrk":
+            return _hammer_wrk(url, headers, args.seconds, args.concurrency * 2, server)
+        return _hammer(url, headers, args.requests, args.concurrency, server)
+
     context = multiprocessing.get_context("spawn")
 
     parent, child = context.Pipe()
@@ -164,8 +210,8 @@ def main() -> None:
         "sharefile": httpx.get(sf_url, headers=sf_headers, trust_env=False).content,
     }
     results = {
-        "sm": _hammer(sm_url, sm_headers, args.requests, args.concurrency, parent),
-        "sharefile": _hammer(sf_url, sf_headers, args.requests, args.concurrency, parent),
+        "sm": hammer(sm_url, sm_headers, parent),
+        "sharefile": hammer(sf_url, sf_headers, parent),
     }
     parent.send("stop")
     simulators.join(10)
@@ -174,10 +220,7 @@ def main() -> None:
     baseline = context.Process(target=_serve_baseline, args=(child, bodies), daemon=True)
     baseline.start()
     root = parent.recv()
-    baselines = {
-        name: _hammer(f"{root}/{name}", {}, args.requests, args.concurrency, parent)
-        for name in bodies
-    }
+    baselines = {name: hammer(f"{root}/{name}", {}, parent) for name in bodies}
     parent.send("stop")
     baseline.join(10)
 
@@ -185,9 +228,14 @@ def main() -> None:
         "sm": f"SM users page (limit={SM_PAGE})",
         "sharefile": f"ShareFile Employees page ({SHAREFILE_PAGE} items)",
     }
+    load = (
+        f"wrk, {args.concurrency * 2} connections, {args.seconds:.0f} s per workload"
+        if args.client == "wrk"
+        else f"httpx, {args.requests} requests per workload, {args.concurrency} threads"
+    )
     print(
-        f"{args.requests} requests per workload, {args.concurrency} client threads, loopback; "
-        "each server in its own process; cap/core = 1e6 / server CPU us per request"
+        f"client: {load}; loopback; each server in its own process; "
+        "cap/core = 1e6 / server CPU us per request"
     )
     header = (
         f"{'workload':<36} {'bytes':>6} {'sim req/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
