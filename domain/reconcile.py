@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from domain.matching import normalise_email
@@ -27,20 +27,6 @@ _WITHOUT_SERVICE = frozenset({SharefileState.NOT_PROVISIONED, SharefileState.FAI
 _User = TypeVar("_User", SmUser, SharefileUser)
 
 
-def _index_by_key(
-    keyed: Iterable[tuple[str, _User]],
-) -> tuple[dict[str, _User], dict[str, list[_User]]]:
-    """Users by match key, and every key that several users share (a conflict) with all of them."""
-    index: dict[str, _User] = {}
-    duplicates: dict[str, list[_User]] = {}
-    setdefault = index.setdefault
-    for key, user in keyed:
-        first = setdefault(key, user)
-        if first is not user:
-            duplicates.setdefault(key, [first]).append(user)
-    return index, duplicates
-
-
 def reconcile(
     sm_users: Iterable[SmUser],
     sharefile_users: Iterable[SharefileUser],
@@ -58,45 +44,51 @@ def reconcile(
     policy = policy or Policy()
     skipped: list[Skipped] = []
 
-    counts = {"sm": 0, "provisioned": 0, "employees": 0}
+    # ShareFile first: its keys are usually its own e-mail strings (already lower case), and
+    # the Services Manager side below reuses them instead of keeping a second copy of each.
+    sf_index: dict[str, SharefileUser] = {}
+    sf_duplicates: dict[str, list[SharefileUser]] = {}
+    employees = 0
+    for record in sharefile_users:
+        employees += record.is_employee
+        key = normalise_email(record.email)
+        if key is None:
+            if record.is_employee:
+                skipped.append(
+                    Skipped(
+                        reason=SkipReason.SHAREFILE_USER_WITHOUT_EMAIL,
+                        sharefile_user_id=record.id,
+                        email=record.email,
+                    )
+                )
+            continue
+        first_sf = sf_index.setdefault(key, record)
+        if first_sf is not record:
+            sf_duplicates.setdefault(key, [first_sf]).append(record)
 
-    def sm_keyed() -> Iterator[tuple[str, SmUser]]:
-        provisioned = SharefileState.PROVISIONED
-        for sm in sm_users:
-            counts["sm"] += 1
-            if sm.state is provisioned:
-                counts["provisioned"] += 1
-            key = normalise_email(sm.email) or normalise_email(sm.username)
-            if key is not None:
-                yield key, sm
-            elif sm.state is not SharefileState.NOT_PROVISIONED:
+    sm_index: dict[str, SmUser] = {}
+    sm_duplicates: dict[str, list[SmUser]] = {}
+    sm_count = 0
+    provisioned_before = 0
+    provisioned = SharefileState.PROVISIONED
+    for sm in sm_users:
+        sm_count += 1
+        if sm.state is provisioned:
+            provisioned_before += 1
+        key = normalise_email(sm.email) or normalise_email(sm.username)
+        if key is None:
+            if sm.state is not SharefileState.NOT_PROVISIONED:
                 # Has (or may have) the service but cannot be matched: never guess, never remove.
                 skipped.append(
                     Skipped(reason=SkipReason.SM_USER_WITHOUT_EMAIL, user_id=sm.id, email=sm.email)
                 )
-
-    def sf_keyed() -> Iterator[tuple[str, SharefileUser]]:
-        for sf in sharefile_users:
-            counts["employees"] += sf.is_employee
-            key = normalise_email(sf.email)
-            if key is not None:
-                yield key, sf
-            elif sf.is_employee:
-                skipped.append(
-                    Skipped(
-                        reason=SkipReason.SHAREFILE_USER_WITHOUT_EMAIL,
-                        sharefile_user_id=sf.id,
-                        email=sf.email,
-                    )
-                )
-
-    sm_index, sm_duplicates = _index_by_key(sm_keyed())
-    sf_index, sf_duplicates = _index_by_key(sf_keyed())
-    sm_count, provisioned_before, employees = (
-        counts["sm"],
-        counts["provisioned"],
-        counts["employees"],
-    )
+            continue
+        match = sf_index.get(key)
+        if match is not None and match.email == key:
+            key = match.email  # the same text: keep one string object, not two
+        first_sm = sm_index.setdefault(key, sm)
+        if first_sm is not sm:
+            sm_duplicates.setdefault(key, [first_sm]).append(sm)
 
     conflicts = [
         Conflict(
@@ -222,7 +214,8 @@ def _removal_rule(sf: SharefileUser | None) -> Rule:
 
 
 def _item(action: Action, sm: SmUser, key: str, sf: SharefileUser | None, rule: Rule) -> PlanItem:
-    return PlanItem(
+    # Built from already-validated records: skip re-validating tens of thousands of items.
+    return PlanItem.model_construct(
         action=action,
         user_id=sm.id,
         email=sm.email or sm.username,
