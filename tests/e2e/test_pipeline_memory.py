@@ -46,3 +46,31 @@ def test_only_the_given_customers_are_synced(start_fleet, fleet, tmp_path) -> No
     result = sync_once(settings_for(sims, tmp_path), customer_ids=chosen, timeout_s=60)
     assert sorted(result.reports) == sorted(chosen)
     assert {s["customer_id"] for s in sims.submissions()} <= set(chosen)
+
+
+def test_a_held_plan_goes_out_only_when_that_exact_plan_is_approved(start_fleet, tmp_path) -> None:
+    from simulators import DEMO_SCENARIO_PATH, load_scenario
+
+    demo = load_scenario(DEMO_SCENARIO_PATH)
+    sims = start_fleet(demo)
+    settings = settings_for(sims, tmp_path)
+    first = sync_once(settings, timeout_s=60)
+    [held] = [r for r in first.reports.values() if r.outcome is Outcome.HELD]
+    before = sims.sm_states()[held.customer_id]
+    assert held.held and not held.deprovision
+
+    wrong = sync_once(
+        settings, customer_ids=[held.customer_id], approved_plan_id="plan-0", timeout_s=60
+    )
+    assert wrong.reports[held.customer_id].outcome is Outcome.HELD
+    assert sims.sm_states()[held.customer_id] == before
+
+    approved = sync_once(
+        settings, customer_ids=[held.customer_id], approved_plan_id=held.plan_id, timeout_s=60
+    )
+    report = approved.reports[held.customer_id]
+    assert report.outcome is Outcome.COMPLETED and report.approved
+    removed = {item.user_id for item in held.held}
+    after = sims.sm_states()[held.customer_id]
+    assert {u for u, s in after.items() if s != before[u]} == removed
+    assert all(after[u] == "not_provisioned" for u in removed)
