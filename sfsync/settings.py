@@ -62,10 +62,11 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
 
     # Operations: the audit trail, who approves held plans, metrics, the management API
-    database_url: str = "sqlite:///sfsync-audit.db"
+    # URLs may carry passwords: SecretStr keeps them out of logs and reprs.
+    database_url: SecretStr = SecretStr("sqlite:///sfsync-audit.db")
     approver: str | None = None  # recorded with approvals; defaults to the OS user
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    management_url: str | None = None  # e.g. http://guest:guest@127.0.0.1:15672 (secret inside)
+    management_url: SecretStr | None = None  # e.g. http://guest:guest@127.0.0.1:15672
 
     @field_validator("broker_url", mode="before")
     @classmethod
