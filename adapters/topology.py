@@ -14,6 +14,8 @@ EVENT_KEYS = (
     "provisioning.completed",
     "provisioning.failed",
 )
+# The audit trail records every event plus the requests and commands that explain them.
+AUDIT_KEYS = (*EVENT_KEYS, *PROVISIONING_KEYS, *SYNC_KEYS)
 
 # Headers the runner writes; they travel with a message through retry and parking queues.
 ATTEMPT_HEADER = "x-sfsync-attempt"
@@ -44,6 +46,9 @@ class Topology:
     prefix: str = "sfsync"
     retry_delay_ms: int = 30_000
     delivery_limit: int = 20
+    # Only an audit-enabled process declares the audit queues: a deployment without an audit role
+    # must not collect every event in a queue that nobody reads.
+    audit: bool = False
 
     @property
     def exchange(self) -> str:
@@ -56,6 +61,10 @@ class Topology:
     @property
     def provisioning_queue(self) -> str:
         return f"{self.prefix}.provisioning"
+
+    @property
+    def audit_queue(self) -> str:
+        return f"{self.prefix}.audit"
 
     @staticmethod
     def retry_queue(queue: str) -> str:
@@ -83,9 +92,12 @@ class Topology:
         ]
 
     def queues(self) -> list[QueueSpec]:
-        return self.work_queue(self.sync_queue, SYNC_KEYS) + self.work_queue(
+        queues = self.work_queue(self.sync_queue, SYNC_KEYS) + self.work_queue(
             self.provisioning_queue, PROVISIONING_KEYS
         )
+        if self.audit:
+            queues += self.work_queue(self.audit_queue, AUDIT_KEYS)
+        return queues
 
     def listener_queue(self, name: str, routing_keys: tuple[str, ...] = EVENT_KEYS) -> QueueSpec:
         """A queue for one listener of events; it disappears 10 minutes after it is last used."""

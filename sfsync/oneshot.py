@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consumers.run_tracker import RunProgress, RunResult
-from sfsync.bootstrap import new_run_id, running, track_run
+from sfsync.bootstrap import new_run_id, track_run
 from sfsync.settings import Settings
+
+if TYPE_CHECKING:
+    from adapters.audit_store import AuditStore
 
 log = logging.getLogger("sfsync.sync")
 
@@ -34,12 +37,19 @@ def sync_once(
     local_workers: bool = True,
     on_progress: Callable[[RunProgress], None] | None = None,
     overrides: dict[str, Any] | None = None,
+    audit: AuditStore | None = None,
 ) -> RunResult:
     """Schedule one run, process it (with in-process workers unless `local_workers` is False,
-    e.g. when worker processes already consume the queues) and return every report."""
+    e.g. when worker processes already consume the queues) and return every report.
+
+    With `audit`, an in-process audit consumer stores the run's events there, and the call returns
+    only once the store holds every report and answer of the run."""
+    from sfsync.audit import running_with_audit, wait_until_recorded
+
     run_id = new_run_id()
-    with running(
+    with running_with_audit(
         settings,
+        store=audit,
         worker=local_workers,
         submitter=local_workers,
         scheduler=True,
@@ -60,6 +70,8 @@ def sync_once(
             )
             if not tracker.wait(timeout_s, on_progress=on_progress):
                 raise RunTimeout(tracker.result, timeout_s)
+            if audit is not None:
+                wait_until_recorded(audit, tracker.result)
         finally:
             listener.stop()
         return tracker.result

@@ -1,35 +1,41 @@
-"""The `sfsync` command: one subcommand per role, a one-shot sync, the demo and the simulators."""
+"""One-shot runs for people: `sync`, the `demo`, and the `simulate` servers."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from consumers.run_tracker import RunProgress, RunResult
-from domain.errors import ConfigError, SfsyncError
 from domain.report import Outcome, render_text
+from sfsync.cli._common import (
+    EXIT_RUN_FAILED,
+    EXIT_TIMEOUT,
+    _audit_store,
+    _errors_as_exit,
+    _fail,
+    _settings,
+    _wait_for_signal,
+    broker_option,
+    console,
+)
 from sfsync.logs import configure_logging
-from sfsync.settings import Settings, load_settings
+from sfsync.settings import Settings
 
-EXIT_OK = 0
-EXIT_RUN_FAILED = 1  # the run finished, but some customers or requests failed
-EXIT_CONFIG = 2  # bad settings or arguments (click uses 2 for usage errors too)
-EXIT_TIMEOUT = 3
+if TYPE_CHECKING:
+    from adapters.audit_store import AuditStore
 
-console = Console(stderr=True)
+
 SUMMARY_COLUMNS = (
     "customer",
     "outcome",
@@ -43,174 +49,7 @@ SUMMARY_COLUMNS = (
 )
 
 
-def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
-    for line in message.splitlines():
-        click.echo(f"sfsync: {line}", err=True)
-    sys.exit(code)
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ConfigError as exc:
-        _fail(f"configuration error:\n{exc}")
-    configure_logging(settings.log_level)
-    return settings
-
-
-@contextmanager
-def _errors_as_exit() -> Iterator[None]:
-    try:
-        yield
-    except ConfigError as exc:
-        _fail(f"configuration error:\n{exc}")
-    except SfsyncError as exc:
-        _fail(str(exc), code=EXIT_RUN_FAILED)
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        click.echo(
-            f"sfsync: {signal.Signals(signum).name} received, finishing in-flight work", err=True
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
-
-
-broker_option = click.option(
-    "--broker",
-    "broker_url",
-    metavar="URL",
-    help="memory:// or amqp://… (default: SFSYNC_BROKER_URL)",
-)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sfsync")
-def main() -> None:
-    """Keep Services Manager's ShareFile provisioning in step with ShareFile's employees."""
-
-
-@main.command()
-@broker_option
-@click.option(
-    "--concurrency", type=int, help="messages handled at once (default: SFSYNC_CONCURRENCY)"
-)
-def worker(broker_url: str | None, concurrency: int | None) -> None:
-    """Consume sync commands and events; publish provisioning requests and reports."""
-    _serve(role="worker", broker_url=broker_url, concurrency=concurrency)
-
-
-@main.command()
-@broker_option
-@click.option(
-    "--concurrency", type=int, help="requests posted at once (default: SFSYNC_CONCURRENCY)"
-)
-def submitter(broker_url: str | None, concurrency: int | None) -> None:
-    """Consume provisioning requests and post them to Services Manager."""
-    _serve(role="submitter", broker_url=broker_url, concurrency=concurrency)
-
-
-def _serve(*, role: str, broker_url: str | None, concurrency: int | None) -> None:
-    from sfsync.bootstrap import running
-
-    settings = _settings(broker_url=broker_url, concurrency=concurrency)
-    if settings.uses_memory_broker:
-        _fail(f"`sfsync {role}` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…")
-    with (
-        _errors_as_exit(),
-        running(
-            settings, worker=role == "worker", submitter=role == "submitter", name=f"sfsync-{role}"
-        ),
-    ):
-        click.echo(
-            f"sfsync {role}: consuming (concurrency {settings.concurrency}); Ctrl-C to stop",
-            err=True,
-        )
-        _wait_for_signal()
-    click.echo(f"sfsync {role}: stopped cleanly", err=True)
-
-
-@main.command()
-@broker_option
-@click.option("--once", is_flag=True, help="publish one run and exit (default)")
-@click.option("--interval", type=float, metavar="SECONDS", help="publish a run every SECONDS")
-@click.option("--customer", "customers", multiple=True, metavar="ID", help="only these customers")
-@click.option("--dry-run", is_flag=True, help="workers report but request nothing")
-def scheduler(
-    broker_url: str | None,
-    once: bool,
-    interval: float | None,
-    customers: tuple[str, ...],
-    dry_run: bool,
-) -> None:
-    """Publish one sync command per enabled customer (once, or every --interval seconds)."""
-    from sfsync.bootstrap import running
-
-    if once and interval:
-        _fail("give either --once or --interval, not both")
-    settings = _settings(broker_url=broker_url)
-    if settings.uses_memory_broker:
-        _fail(
-            "`sfsync scheduler` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…"
-        )
-    with _errors_as_exit(), running(settings, scheduler=True, name="sfsync-scheduler") as roles:
-        assert roles.scheduler is not None
-        chosen = list(customers) or None
-        if interval is None:
-            run = roles.scheduler.run_once(customer_ids=chosen, dry_run=dry_run)
-            click.echo(f"run {run.run_id}: {len(run.customer_ids)} sync commands published")
-            return
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=roles.scheduler.run_every,
-            args=(interval, stop),
-            kwargs={"customer_ids": chosen, "dry_run": dry_run},
-            daemon=True,
-        )
-        thread.start()
-        _wait_for_signal()
-        stop.set()
-        thread.join()
-
-
-@main.command("request-sync")
-@broker_option
-@click.option("--customer", required=True, metavar="ID")
-@click.option("--source", required=True, help="the system asking (recorded in the event)")
-@click.option("--reason", help="why, in a few words")
-def request_sync_command(
-    broker_url: str | None, customer: str, source: str, reason: str | None
-) -> None:
-    """Publish a sync.requested event for one customer, as another system would."""
-    from producers.scheduler import request_sync
-    from sfsync.bootstrap import build_broker, default_stamper
-
-    settings = _settings(broker_url=broker_url)
-    if settings.uses_memory_broker:
-        _fail(
-            "`sfsync request-sync` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…"
-        )
-    with _errors_as_exit():
-        broker = build_broker(settings, name="sfsync-request")
-        broker.start()
-        try:
-            message_id = request_sync(
-                broker, default_stamper(), customer_id=customer, source=source, reason=reason
-            )
-        finally:
-            broker.close()
-    click.echo(f"sync.requested {message_id} published for {customer}")
-
-
-@main.command()
+@click.command()
 @broker_option
 @click.option(
     "--customer", "customers", multiple=True, metavar="ID", help="only these customers (repeatable)"
@@ -226,6 +65,12 @@ def request_sync_command(
 @click.option(
     "--no-local-workers", is_flag=True, help="only schedule and wait; worker processes do the work"
 )
+@click.option(
+    "--audit/--no-audit",
+    default=None,
+    help="store the run in the audit database (default: on with memory://; with a shared broker "
+    "the `sfsync audit` role stores it)",
+)
 def sync(
     broker_url: str | None,
     customers: tuple[str, ...],
@@ -234,20 +79,25 @@ def sync(
     as_json: bool,
     timeout: float,
     no_local_workers: bool,
+    audit: bool | None,
 ) -> None:
     """Run one sync cycle now and print every customer's report."""
     settings = _settings(broker_url=broker_url)
     if no_local_workers and settings.uses_memory_broker:
         _fail("--no-local-workers needs a shared broker (amqp://…)")
-    _run_and_report(
-        settings,
-        customers=customers,
-        dry_run=dry_run,
-        approve_plan=approve_plan,
-        as_json=as_json,
-        timeout=timeout,
-        local_workers=not no_local_workers,
-    )
+    with _audit_store(
+        settings, enabled=settings.uses_memory_broker if audit is None else audit
+    ) as (store):
+        _run_and_report(
+            settings,
+            customers=customers,
+            dry_run=dry_run,
+            approve_plan=approve_plan,
+            as_json=as_json,
+            timeout=timeout,
+            local_workers=not no_local_workers,
+            audit=store,
+        )
 
 
 def _run_and_report(
@@ -261,6 +111,7 @@ def _run_and_report(
     local_workers: bool = True,
     overrides: dict[str, Any] | None = None,
     after: Callable[[RunResult], None] | None = None,
+    audit: AuditStore | None = None,
 ) -> None:
     from sfsync.oneshot import RunTimeout, sync_once
 
@@ -276,6 +127,7 @@ def _run_and_report(
                 local_workers=local_workers,
                 on_progress=on_progress,
                 overrides=overrides,
+                audit=audit,
             )
         except RunTimeout as exc:
             _print_result(exc.result, as_json=as_json, seconds=time.monotonic() - started)
@@ -379,7 +231,7 @@ def _print_result(result: RunResult, *, as_json: bool, seconds: float) -> None:
     )
 
 
-@main.command()
+@click.command()
 @click.option(
     "--broker",
     "broker_url",
@@ -392,7 +244,13 @@ def _print_result(result: RunResult, *, as_json: bool, seconds: float) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="another scenario file",
 )
-def demo(broker_url: str | None, as_json: bool, scenario: Path | None) -> None:
+@click.option(
+    "--audit/--no-audit",
+    default=True,
+    show_default=True,
+    help="store the run in the audit database (SFSYNC_DATABASE_URL, default ./sfsync-audit.db)",
+)
+def demo(broker_url: str | None, as_json: bool, scenario: Path | None, audit: bool) -> None:
     """Start both simulators with a bundled scenario and run one sync cycle against them."""
     from simulators import DEMO_SCENARIO_PATH, SimulatorServers, load_scenario
 
@@ -420,7 +278,10 @@ def demo(broker_url: str | None, as_json: bool, scenario: Path | None) -> None:
             )
             before = sims.sm_states()
 
-            def show_changes(_result: RunResult) -> None:
+            def show_changes(result: RunResult) -> None:
+                if as_json:
+                    _audit_hint(store, result)
+                    return
                 after = sims.sm_states()
                 changed = [
                     (customer, user, before[customer].get(user), state)
@@ -431,13 +292,34 @@ def demo(broker_url: str | None, as_json: bool, scenario: Path | None) -> None:
                 click.echo(f"\nServices Manager now: {len(changed)} users changed state")
                 for customer, user, old, new in changed:
                     click.echo(f"  {customer} {user}: {old} → {new}")
+                _audit_hint(store, result)
 
-            _run_and_report(
-                settings, as_json=as_json, timeout=300, after=None if as_json else show_changes
-            )
+            with _audit_store(settings, enabled=audit) as store:
+                _run_and_report(
+                    settings, as_json=as_json, timeout=300, after=show_changes, audit=store
+                )
 
 
-@main.command()
+def _audit_hint(store: AuditStore | None, result: RunResult) -> None:
+    """One line on stderr: where the run was stored and a `why` that shows a removal."""
+    if store is None:
+        return
+    example = next(
+        (
+            (report.customer_id, item.email or item.user_id)
+            for report in result.reports.values()
+            for item in report.deprovision + report.held
+        ),
+        None,
+    )
+    why = f"sfsync why --customer {example[0]} --user {example[1]}" if example else "sfsync report"
+    click.echo(
+        f"audit trail in {store.redacted_url}; try: {why} (also: sfsync held, sfsync report)",
+        err=True,
+    )
+
+
+@click.command()
 @click.option(
     "--scenario",
     "scenario_path",

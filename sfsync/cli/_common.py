@@ -1,0 +1,118 @@
+"""What every sfsync command shares: exit codes, settings loading, errors as exits, signals."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+from rich.console import Console
+
+from domain.errors import ConfigError, SfsyncError
+from sfsync.logs import configure_logging, register_secret
+from sfsync.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from adapters.audit_store import AuditStore
+
+
+EXIT_OK = 0
+
+EXIT_RUN_FAILED = 1  # the run finished, but some customers or requests failed
+
+EXIT_CONFIG = 2  # bad settings or arguments (click uses 2 for usage errors too)
+
+EXIT_TIMEOUT = 3
+
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
+    for line in message.splitlines():
+        click.echo(f"sfsync: {line}", err=True)
+    sys.exit(code)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        _fail(f"configuration error:\n{exc}")
+    configure_logging(settings.log_level)
+    for secret in settings.secret_values():
+        register_secret(secret)
+    return settings
+
+
+@contextmanager
+def _errors_as_exit() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as exc:
+        _fail(f"configuration error:\n{exc}")
+    except SfsyncError as exc:
+        _fail(str(exc), code=EXIT_RUN_FAILED)
+
+
+def _serve_metrics(settings: Settings, role: str) -> None:
+    """Start the Prometheus endpoint when SFSYNC_METRICS_PORT is set (0: any free port)."""
+    if settings.metrics_port is None:
+        return
+    from adapters.metrics import start_metrics_server
+
+    port = start_metrics_server(settings.metrics_port)
+    click.echo(f"sfsync {role}: Prometheus metrics on :{port}/metrics", err=True)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        click.echo(
+            f"sfsync: {signal.Signals(signum).name} received, finishing in-flight work", err=True
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1.0):
+        pass
+
+
+broker_option = click.option(
+    "--broker",
+    "broker_url",
+    metavar="URL",
+    help="memory:// or amqp://… (default: SFSYNC_BROKER_URL)",
+)
+
+
+@contextmanager
+def _audit_store(settings: Settings, *, enabled: bool = True) -> Iterator[AuditStore | None]:
+    """The migrated store of SFSYNC_DATABASE_URL (None when not enabled); closed on exit."""
+    if not enabled:
+        yield None
+        return
+    from sfsync.audit import open_store
+
+    with _errors_as_exit():
+        store = open_store(settings)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _when(value: datetime) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _table_console() -> Console:
+    # Not a terminal (a pipe, CI): still a full-width table rather than 80 squeezed columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)

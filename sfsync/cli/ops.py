@@ -1,0 +1,86 @@
+"""Operator commands `sfsync status` (queue depths and rates) and `sfsync schema` (contracts)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from adapters.topology import Topology
+from domain.errors import ConfigError
+from sfsync.settings import Settings, load_settings
+
+EXIT_UNAVAILABLE = 1  # neither the management API nor AMQP answered
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
+    for line in message.splitlines():
+        click.echo(f"sfsync: {line}", err=True)
+    sys.exit(code)
+
+
+def _load(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        _fail(f"configuration error:\n{exc}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--broker", "broker_url", metavar="URL", help="default: SFSYNC_BROKER_URL")
+@click.option(
+    "--management-url",
+    metavar="URL",
+    help="RabbitMQ management API, http://user:pass@host:15672 (default: SFSYNC_MANAGEMENT_URL)",
+)
+@click.option("--prefix", help="queue name prefix (default: SFSYNC_PREFIX)")
+def status(
+    as_json: bool, broker_url: str | None, management_url: str | None, prefix: str | None
+) -> None:
+    """Show ready, unacked, consumers and rates of every sfsync queue; parked messages stand out.
+
+    Reads the RabbitMQ management API; without it, depths and consumer counts come from a
+    passive declare over AMQP (no rates). Exit 1 when neither answers.
+    """
+    from sfsync.status import StatusUnavailable, collect_status, render_json, render_table
+
+    settings = _load(broker_url=broker_url, management_url=management_url, prefix=prefix)
+    amqp_urls = [url for url in settings.broker_url if url != "memory://"]
+    topology = Topology(prefix=settings.prefix)
+    management = settings.management_url.get_secret_value() if settings.management_url else None
+    if management is None and not amqp_urls:
+        _fail(
+            "`sfsync status` reads RabbitMQ: set SFSYNC_MANAGEMENT_URL or an amqp:// "
+            "SFSYNC_BROKER_URL (memory:// has no queues to show)"
+        )
+    try:
+        report = collect_status(
+            topology, management_url=management, amqp_url=amqp_urls[0] if amqp_urls else None
+        )
+    except StatusUnavailable as exc:
+        _fail(f"no queue statistics: {exc}", code=EXIT_UNAVAILABLE)
+    if as_json:
+        click.echo(render_json(report), nl=False)
+    else:
+        render_table(report, Console(soft_wrap=True))
+
+
+@click.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("docs"),
+    show_default=True,
+    help="folder for asyncapi.yaml and schemas/*.json",
+)
+def schema(out: Path) -> None:
+    """Write the AsyncAPI document and one JSON Schema per message type from the models."""
+    from sfsync.schema import write_documents
+
+    for path in write_documents(out):
+        click.echo(str(path))

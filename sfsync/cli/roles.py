@@ -1,0 +1,150 @@
+"""The long-running roles: worker, submitter, scheduler, audit, and request-sync for others."""
+
+from __future__ import annotations
+
+import threading
+
+import click
+
+from sfsync.cli._common import (
+    _errors_as_exit,
+    _fail,
+    _serve_metrics,
+    _settings,
+    _wait_for_signal,
+    broker_option,
+)
+
+
+@click.command()
+@broker_option
+@click.option(
+    "--concurrency", type=int, help="messages handled at once (default: SFSYNC_CONCURRENCY)"
+)
+def worker(broker_url: str | None, concurrency: int | None) -> None:
+    """Consume sync commands and events; publish provisioning requests and reports."""
+    _serve(role="worker", broker_url=broker_url, concurrency=concurrency)
+
+
+@click.command()
+@broker_option
+@click.option(
+    "--concurrency", type=int, help="requests posted at once (default: SFSYNC_CONCURRENCY)"
+)
+def submitter(broker_url: str | None, concurrency: int | None) -> None:
+    """Consume provisioning requests and post them to Services Manager."""
+    _serve(role="submitter", broker_url=broker_url, concurrency=concurrency)
+
+
+def _serve(*, role: str, broker_url: str | None, concurrency: int | None) -> None:
+    from sfsync.bootstrap import running
+
+    settings = _settings(broker_url=broker_url, concurrency=concurrency)
+    if settings.uses_memory_broker:
+        _fail(f"`sfsync {role}` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…")
+    with (
+        _errors_as_exit(),
+        running(
+            settings, worker=role == "worker", submitter=role == "submitter", name=f"sfsync-{role}"
+        ),
+    ):
+        click.echo(
+            f"sfsync {role}: consuming (concurrency {settings.concurrency}); Ctrl-C to stop",
+            err=True,
+        )
+        _serve_metrics(settings, role)
+        _wait_for_signal()
+    click.echo(f"sfsync {role}: stopped cleanly", err=True)
+
+
+@click.command()
+@broker_option
+@click.option("--once", is_flag=True, help="publish one run and exit (default)")
+@click.option("--interval", type=float, metavar="SECONDS", help="publish a run every SECONDS")
+@click.option("--customer", "customers", multiple=True, metavar="ID", help="only these customers")
+@click.option("--dry-run", is_flag=True, help="workers report but request nothing")
+def scheduler(
+    broker_url: str | None,
+    once: bool,
+    interval: float | None,
+    customers: tuple[str, ...],
+    dry_run: bool,
+) -> None:
+    """Publish one sync command per enabled customer (once, or every --interval seconds)."""
+    from sfsync.bootstrap import running
+
+    if once and interval:
+        _fail("give either --once or --interval, not both")
+    settings = _settings(broker_url=broker_url)
+    if settings.uses_memory_broker:
+        _fail(
+            "`sfsync scheduler` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…"
+        )
+    with _errors_as_exit(), running(settings, scheduler=True, name="sfsync-scheduler") as roles:
+        assert roles.scheduler is not None
+        chosen = list(customers) or None
+        if interval is None:
+            run = roles.scheduler.run_once(customer_ids=chosen, dry_run=dry_run)
+            click.echo(f"run {run.run_id}: {len(run.customer_ids)} sync commands published")
+            return
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=roles.scheduler.run_every,
+            args=(interval, stop),
+            kwargs={"customer_ids": chosen, "dry_run": dry_run},
+            daemon=True,
+        )
+        thread.start()
+        _serve_metrics(settings, "scheduler")
+        _wait_for_signal()
+        stop.set()
+        thread.join()
+
+
+@click.command("request-sync")
+@broker_option
+@click.option("--customer", required=True, metavar="ID")
+@click.option("--source", required=True, help="the system asking (recorded in the event)")
+@click.option("--reason", help="why, in a few words")
+def request_sync_command(
+    broker_url: str | None, customer: str, source: str, reason: str | None
+) -> None:
+    """Publish a sync.requested event for one customer, as another system would."""
+    from producers.scheduler import request_sync
+    from sfsync.bootstrap import build_broker, default_stamper
+
+    settings = _settings(broker_url=broker_url)
+    if settings.uses_memory_broker:
+        _fail(
+            "`sfsync request-sync` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…"
+        )
+    with _errors_as_exit():
+        broker = build_broker(settings, name="sfsync-request")
+        broker.start()
+        try:
+            message_id = request_sync(
+                broker, default_stamper(), customer_id=customer, source=source, reason=reason
+            )
+        finally:
+            broker.close()
+    click.echo(f"sync.requested {message_id} published for {customer}")
+
+
+@click.command("audit")
+@broker_option
+def audit_command(broker_url: str | None) -> None:
+    """Store every event (reports, plan items, holds, requests, answers) in the audit database."""
+    from sfsync.audit import audit_role
+
+    settings = _settings(broker_url=broker_url)
+    if settings.uses_memory_broker:
+        _fail("`sfsync audit` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…")
+    with _errors_as_exit(), audit_role(settings) as store:
+        click.echo(
+            f"sfsync audit: storing events in {store.redacted_url} "
+            f"(schema version {store.version()}); Ctrl-C to stop",
+            err=True,
+        )
+        _serve_metrics(settings, "audit")
+        _wait_for_signal()
+    click.echo("sfsync audit: stopped cleanly", err=True)

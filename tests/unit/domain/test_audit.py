@@ -1,0 +1,109 @@
+"""Held plans' status and a run's last report, read from audit records (no database)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from domain.audit import (
+    AnswerRecord,
+    ApprovalRecord,
+    HeldStatus,
+    ReportRecord,
+    best_answer,
+    held_plans,
+    latest_per_run,
+)
+
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def report(
+    minute: int,
+    outcome: str,
+    plan_id: str | None,
+    *,
+    run: str | None = None,
+    customer: str = "cust-1",
+    approved: bool = False,
+) -> ReportRecord:
+    return ReportRecord(
+        message_id=f"m-{customer}-{minute}",
+        customer_id=customer,
+        run_id=run or f"run-{minute}",
+        outcome=outcome,
+        dry_run=False,
+        plan_id=plan_id,
+        approved=approved,
+        counts={"held": 3} if outcome == "held" else {},
+        hold_reasons=(),
+        error=None,
+        occurred_at=T0 + timedelta(minutes=minute),
+    )
+
+
+def approval(plan_id: str, minute: int) -> ApprovalRecord:
+    return ApprovalRecord(
+        plan_id=plan_id,
+        customer_id="cust-1",
+        run_id=f"run-{minute}",
+        command_message_id=f"cmd-{minute}",
+        approver="ops",
+        reason=None,
+        approved_at=T0 + timedelta(minutes=minute),
+    )
+
+
+def status_of(plan_id: str, reports: list[ReportRecord], approvals=()) -> HeldStatus:
+    [plan] = [p for p in held_plans(reports, approvals) if p.plan_id == plan_id]
+    return plan.status
+
+
+def test_a_plan_held_again_by_later_runs_is_one_open_plan_since_its_first_hold() -> None:
+    plans = held_plans([report(1, "held", "p1"), report(2, "held", "p1")], [])
+    assert [(p.plan_id, p.status, p.first_held_at, p.last_run_id) for p in plans] == [
+        ("p1", HeldStatus.OPEN, T0 + timedelta(minutes=1), "run-2")
+    ]
+    assert plans[0].held_removals == 3
+
+
+def test_an_approved_plan_waits_for_its_re_plan() -> None:
+    assert status_of("p1", [report(1, "held", "p1")], [approval("p1", 2)]) is HeldStatus.APPROVED
+
+
+def test_a_plan_sent_by_a_later_approved_run_is_released() -> None:
+    reports = [report(1, "held", "p1"), report(3, "completed", "p1", approved=True)]
+    assert status_of("p1", reports, [approval("p1", 2)]) is HeldStatus.RELEASED
+
+
+def test_a_refused_approval_leaves_the_old_plan_superseded_and_the_new_one_open() -> None:
+    reports = [report(1, "held", "p1"), report(3, "held", "p2")]
+    plans = {p.plan_id: p for p in held_plans(reports, [approval("p1", 2)])}
+    assert plans["p1"].status is HeldStatus.SUPERSEDED
+    assert plans["p1"].latest is not None and plans["p1"].latest.plan_id == "p2"
+    assert plans["p2"].status is HeldStatus.OPEN
+
+
+def test_a_failed_run_does_not_supersede_a_held_plan() -> None:
+    reports = [report(1, "held", "p1"), report(2, "failed", None)]
+    assert status_of("p1", reports) is HeldStatus.OPEN
+
+
+def test_another_customers_runs_do_not_touch_a_plan() -> None:
+    reports = [report(1, "held", "p1"), report(2, "completed", "px", customer="cust-2")]
+    assert status_of("p1", reports) is HeldStatus.OPEN
+
+
+def test_a_redelivered_command_counts_once_per_run_and_the_last_report_wins() -> None:
+    first = report(1, "held", "p1", run="run-a")
+    again = report(2, "completed", "p0", run="run-a")
+    assert latest_per_run([again, first]) == [again]
+
+
+def test_an_item_answer_beats_a_request_failure_whatever_the_order() -> None:
+    def answer(status: str, minute: int) -> AnswerRecord:
+        return AnswerRecord(
+            "req", "u", "deprovision", status, None, None, T0 + timedelta(minutes=minute)
+        )
+
+    assert best_answer([answer("accepted", 1), answer("failed", 2)]).status == "accepted"  # type: ignore[union-attr]
+    assert best_answer([]) is None
