@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pika
 import pytest
 from tenacity import Retrying, stop_after_delay, wait_fixed
@@ -39,10 +41,10 @@ class Processes:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed in stop_all
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sfsync", *args], env=self.env, stdout=log, stderr=log
+            [sys.executable, "-m", "sfsync", *args], env={**self.env, **env}, stdout=log, stderr=log
         )
         proc.log = log  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -99,12 +101,24 @@ def test_a_fleet_through_two_worker_processes_reaches_the_expected_state(
     sims = start_fleet()
     env = settings_env(sims, tmp_path, **amqp_env)
     processes.env.update(env)
-    processes.start("worker", "--concurrency", "4")
+    metrics_port = free_port()
+    processes.start("worker", "--concurrency", "4", SFSYNC_METRICS_PORT=str(metrics_port))
     processes.start("worker", "--concurrency", "4")
     processes.start("submitter")
     wait_consuming(amqp_url, topology.sync_queue, 2)
     wait_consuming(amqp_url, topology.provisioning_queue, 1)
     result = sync_once(settings_for(sims, tmp_path, **amqp_env), local_workers=False, timeout_s=120)
+    # The first worker's Prometheus endpoint counts what it did.
+    scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    handled = [
+        float(line.rsplit(" ", 1)[1])
+        for line in scraped.splitlines()
+        if line.startswith("sfsync_messages_total{")
+        and 'type="sync.command"' in line
+        and 'outcome="acked"' in line
+    ]
+    assert handled and 0 < handled[0] <= len(result.reports)
+    assert "sfsync_http_requests_total{" in scraped
     assert len(result.reports) == len([c for c in fleet.customers if c.sharefile_enabled]) >= 50
     assert not result.failed and not result.failed_requests
     assert sims.sm_states() == fleet.expected
@@ -112,6 +126,12 @@ def test_a_fleet_through_two_worker_processes_reaches_the_expected_state(
     # SIGTERM: each role stops consuming, finishes its work and exits 0.
     assert processes.stop_all() == [0, 0, 0]
     assert processes.logs().count("stopped cleanly") == 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def publish_raw(amqp_url: str, exchange: str, routing_key: str, body: bytes) -> None:

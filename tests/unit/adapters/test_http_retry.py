@@ -319,3 +319,26 @@ def test_new_http_client_uses_the_given_transport() -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(204))
     with new_http_client(transport=transport) as client:
         assert client.get("http://anything.test/").status_code == 204
+
+
+def test_every_answer_and_retry_is_counted_in_the_metrics(fake_time: FakeTime) -> None:
+    from adapters.metrics import default_metrics
+
+    registry = default_metrics().registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    before = (
+        sample("sfsync_http_requests_total", api="sm", status="503"),
+        sample("sfsync_http_requests_total", api="sm", status="200"),
+        sample("sfsync_http_retries_total", api="sm"),
+    )
+    client, _ = scripted([sm_error(503, "unavailable", "down"), ok()])
+    call(client, fake_time.policy())
+    after = (
+        sample("sfsync_http_requests_total", api="sm", status="503"),
+        sample("sfsync_http_requests_total", api="sm", status="200"),
+        sample("sfsync_http_retries_total", api="sm"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
