@@ -27,13 +27,15 @@ from pika.spec import Basic, BasicProperties
 
 from adapters.broker import Delivery, Outgoing
 from adapters.topology import QueueSpec, Topology
-from domain.errors import ConfigError, TransientError
+from domain.errors import ConfigError, PermanentError, TransientError
 
 log = logging.getLogger("sfsync.broker.amqp")
 
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 15.0
 PUBLISH_TIMEOUT_S = 60.0
+# The client property (next to `connection_name`, the role) that names a connection's deployment.
+PREFIX_PROPERTY = "sfsync_prefix"
 
 
 def redact_url(url: str) -> str:
@@ -127,7 +129,9 @@ class AmqpBroker:
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"invalid AMQP URL {redact_url(url)}: {exc}") from None
             params.heartbeat = heartbeat_s
-            params.client_properties = {"connection_name": name}
+            # The prefix tells deployments (and test sessions) apart on a shared broker: an
+            # operator, or a chaos test, can find and close exactly one deployment's connections.
+            params.client_properties = {"connection_name": name, PREFIX_PROPERTY: topology.prefix}
             params.blocked_connection_timeout = 60
             self._parameters.append((redact_url(url), params))
         self.topology = topology
@@ -139,10 +143,11 @@ class AmqpBroker:
         # Every publish future not yet settled, so that a lost connection fails them all, even
         # those whose publish callback never reached the I/O thread.
         self._unsettled: set[Future[None]] = set()
+        # Fallbacks of hand-offs to the I/O thread that have not run yet (see _on_io_thread).
+        self._fallbacks: dict[object, Callable[[], None]] = {}
         self._next_tag = 0
         self._ready = threading.Event()
         self._closing = threading.Event()
-        self._stopped = threading.Event()
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -246,15 +251,40 @@ class AmqpBroker:
     def _on_io_thread(
         self, callback: Callable[[], None], fallback: Callable[[], None] | None = None
     ) -> None:
+        """Run `callback` on the I/O thread; if it never will, run `fallback` (if any) instead.
+
+        "Never will" includes a callback accepted by a loop that was already stopping when the
+        connection dropped: it is stranded there, and its fallback runs once the loop has ended
+        (otherwise a cancel or a subscription would wait for a confirmation that cannot come).
+        """
         connection = self._connection
+        run = callback
+        token = object()
+        if fallback is not None:
+            with self._lock:
+                self._fallbacks[token] = fallback
+
+            def run() -> None:
+                with self._lock:
+                    self._fallbacks.pop(token, None)
+                callback()
+
         try:
             if connection is None:
                 raise pika.exceptions.ConnectionWrongStateError("not connected")
-            connection.ioloop.add_callback_threadsafe(callback)
-        except (pika.exceptions.AMQPError, RuntimeError, AttributeError):
-            # Nothing to do on a dead connection: the broker requeues unacked deliveries.
-            if fallback is not None:
-                fallback()
+            connection.ioloop.add_callback_threadsafe(run)
+        except (pika.exceptions.AMQPError, RuntimeError, AttributeError, OSError, ValueError):
+            # A dead connection (or a closed loop whose wake-up socket is gone): nothing to do
+            # there, and the broker requeues unacked deliveries.
+            self._run_fallbacks([token])
+
+    def _run_fallbacks(self, tokens: Sequence[object] | None = None) -> None:
+        """Run (once) the fallbacks of the given hand-offs, or of every one still pending."""
+        with self._lock:
+            keys = list(self._fallbacks) if tokens is None else tokens
+            fallbacks = [f for f in (self._fallbacks.pop(k, None) for k in keys) if f]
+        for fallback in fallbacks:
+            fallback()
 
     # -- the I/O thread ------------------------------------------------------------------------
 
@@ -274,6 +304,9 @@ class AmqpBroker:
             # frees its wake-up sockets; later thread-safe calls on it fail and are handled.
             self._connection.ioloop.close()
             self._fail_pending(TransientError("connection to RabbitMQ lost", call="publish"))
+            # Hand-offs the dead loop accepted but never ran: no later connection will run them
+            # either (and none can be queued on a new loop yet: it does not exist).
+            self._run_fallbacks()
             if self._closing.is_set() or self._fatal is not None:
                 break
             jittered = delay * (0.5 + random.random())
@@ -282,7 +315,6 @@ class AmqpBroker:
             delay = min(delay * 2, RECONNECT_MAX_S)
             if self._ready.is_set():
                 delay = RECONNECT_INITIAL_S
-        self._stopped.set()
 
     def _on_connection_open(self, connection: SelectConnection) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
@@ -445,6 +477,16 @@ class AmqpBroker:
                 channel.basic_publish(exchange, out.routing_key, out.body, properties)
             except pika.exceptions.AMQPError as exc:
                 _settle(future, TransientError(f"publish failed: {exc!r}", call="publish"))
+                continue
+            except (UnicodeError, ValueError, TypeError) as exc:
+                # pika encodes a frame before it writes it: a property it cannot encode fails
+                # this one message, and must not end the I/O thread that all the others need.
+                _settle(
+                    future,
+                    PermanentError(
+                        f"message could not be encoded: {type(exc).__name__}", call="publish"
+                    ),
+                )
                 continue
             self._next_tag += 1
             self._pending[self._next_tag] = future

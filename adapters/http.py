@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
+from urllib.parse import quote, quote_plus
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
+from adapters import metrics
 from domain.errors import PermanentError, TransientError
 
 USER_AGENT = "sfsync/0.1 (+httpx)"
@@ -29,6 +32,10 @@ PERMANENT_TRANSPORT_ERRORS: tuple[type[httpx.TransportError], ...] = (
 )
 # Server texts end up in exception messages and logs: keep them readable, not whole HTML pages.
 MAX_SERVER_MESSAGE_CHARS = 300
+# A bearer token travels in a header: visible ASCII only (RFC 9110 field value, RFC 6750 token).
+# Anything else must be refused before httpx sees it, because h11 refuses it with a message that
+# quotes the whole header, token included, and httpcore logs that message.
+_SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 _log = logging.getLogger("sfsync.adapters.http")
 
@@ -147,24 +154,45 @@ def parse_retry_after(response: httpx.Response) -> float | None:
 
 
 def shorten(text: str) -> str:
-    """One line of at most MAX_SERVER_MESSAGE_CHARS characters."""
+    """One line of at most MAX_SERVER_MESSAGE_CHARS characters that UTF-8 can encode."""
     line = " ".join(text.split())
+    # JSON may carry lone surrogates ("\udc80"): no header, report or log file can hold them, and
+    # an AMQP header that cannot be encoded fails the publish of the report or the parked copy.
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     if len(line) > MAX_SERVER_MESSAGE_CHARS:
         return line[: MAX_SERVER_MESSAGE_CHARS - 3] + "..."
     return line
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every known secret value in a server's text, in case it echoes what we sent."""
+    """Replace every known secret value in a server's text, in case it echoes what we sent.
+
+    Also in the form-encoded spellings a server may echo from a token request's body.
+    """
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            for spelling in (secret, quote_plus(secret), quote(secret, safe="")):
+                text = text.replace(spelling, "***")
     return text
 
 
-def body_text(response: httpx.Response) -> str:
-    """The answer's body as short text, or its reason phrase when the body is empty."""
-    text = shorten(response.text) if response.content else ""
+def server_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """A server's text made safe to show: secrets redacted first, then shortened.
+
+    In that order: shortening reflows whitespace and cuts at a length limit, and a secret
+    reflowed or cut in half would no longer be found, yet still be (partly) shown.
+    """
+    return shorten(redact(text, secrets))
+
+
+def is_sendable_token(value: str) -> bool:
+    """Whether `value` can be sent as a bearer token (no whitespace, controls or non-ASCII)."""
+    return _SENDABLE_TOKEN.fullmatch(value) is not None
+
+
+def body_text(response: httpx.Response, secrets: Iterable[str] = ()) -> str:
+    """The answer's body as short text (secrets redacted), or its reason phrase when empty."""
+    text = server_text(response.text, secrets) if response.content else ""
     return text or response.reason_phrase or "no message"
 
 
@@ -214,9 +242,29 @@ def send_with_retry(
     (ShareFile's 401 means "re-authenticate", not "give up").
     """
 
+    # Calls are named "<METHOD> <api> <what>": the api label of the metrics.
+    api = call.split(" ")[1] if call.count(" ") else "unknown"
+
     def attempt() -> httpx.Response:
         try:
-            response = send()
+            with metrics.timed_http(api) as timing:
+                response = send()
+                timing.status = response.status_code
+        except httpx.LocalProtocolError:
+            # Not chained and not quoted: h11's message repeats the offending header, which may
+            # be an Authorization header.
+            raise PermanentError(
+                "the request could not be sent (LocalProtocolError: an invalid header?)",
+                customer_id=customer_id,
+                call=call,
+            ) from None
+        except UnicodeEncodeError:
+            # httpx encodes header values as ASCII; the error holds the whole value.
+            raise PermanentError(
+                "the request could not be sent (a header value is not ASCII)",
+                customer_id=customer_id,
+                call=call,
+            ) from None
         except PERMANENT_TRANSPORT_ERRORS as exc:
             raise PermanentError(
                 f"{type(exc).__name__}: {exc}", customer_id=customer_id, call=call
@@ -248,6 +296,7 @@ def send_with_retry(
         return policy.clock() - started + state.upcoming_sleep > policy.total_seconds
 
     def log_retry(state: RetryCallState) -> None:
+        metrics.http_retry(api)
         exc = state.outcome.exception() if state.outcome else None
         logger.warning(
             "%s for customer %s: attempt %d/%d failed (%s); retrying in %.2fs",

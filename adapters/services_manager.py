@@ -13,14 +13,14 @@ from pydantic import SecretStr, ValidationError
 from adapters.http import (
     RetryPolicy,
     body_text,
+    is_sendable_token,
     malformed,
     new_http_client,
     parse_json,
-    redact,
     send_with_retry,
-    shorten,
+    server_text,
 )
-from domain.errors import PermanentError
+from domain.errors import ConfigError, PermanentError
 from domain.messages import MAX_ITEMS_PER_REQUEST, ProvisioningItem
 from domain.records import SM_USER, BulkResult, Customer, SmUser
 
@@ -52,6 +52,12 @@ class ServicesManagerClient:
             raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}, not {page_size}")
         self._base = base_url.rstrip("/")
         self._token = token if isinstance(token, SecretStr) else SecretStr(token)
+        if not is_sendable_token(self._token.get_secret_value()):
+            # Caught here, at start-up: sent, it would fail every call with an error quoting it.
+            raise ConfigError(
+                "the Services Manager token is empty or holds characters a bearer token cannot "
+                "(whitespace such as a trailing newline, control or non-ASCII characters)"
+            )
         self._owns_http = http is None
         self._http = http if http is not None else new_http_client()
         self._retry = retry
@@ -253,8 +259,9 @@ class ServicesManagerClient:
             error = body["error"]
             code = str(error["code"]) if error.get("code") is not None else None
             message = str(error["message"]) if error.get("message") is not None else None
-        text = shorten(message) if message else body_text(response)
-        return code, redact(text, (self._token.get_secret_value(),))
+        secrets = (self._token.get_secret_value(),)
+        text = server_text(message, secrets) if message else body_text(response, secrets)
+        return (server_text(code, secrets) if code else None), text
 
 
 def _item_result_fields(raw: object) -> dict[str, object]:

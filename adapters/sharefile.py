@@ -18,12 +18,12 @@ from adapters.credentials import CredentialStore, ShareFileCredentials
 from adapters.http import (
     RetryPolicy,
     body_text,
+    is_sendable_token,
     malformed,
     new_http_client,
     parse_json,
-    redact,
     send_with_retry,
-    shorten,
+    server_text,
 )
 from domain.errors import PermanentError
 from domain.records import SHAREFILE_USER, Customer, SharefileUser
@@ -462,6 +462,14 @@ class ShareFileClient:
                 call=CALL_TOKEN,
                 customer_id=customer_id,
             ) from None
+        if not is_sendable_token(answer.access_token.get_secret_value()):
+            # Sent, it would fail every call with an error that quotes it.
+            raise malformed(
+                "token answer's access_token is not a bearer token "
+                "(whitespace, control or non-ASCII characters)",
+                call=CALL_TOKEN,
+                customer_id=customer_id,
+            )
         lifetime = answer.expires_in if answer.expires_in and answer.expires_in > 0 else None
         lifetime = lifetime or DEFAULT_TOKEN_LIFETIME_S
         # A token shorter-lived than the margin would never be reused; keep it for half its life.
@@ -511,8 +519,9 @@ class ShareFileClient:
                     code = code or body["error"]
                     description = body.get("error_description")
                     message = description if isinstance(description, str) else body["error"]
-            text = shorten(message) if message else body_text(response)
-            return code, redact(text, account.secret_values())
+            secrets = account.secret_values()
+            text = server_text(message, secrets) if message else body_text(response, secrets)
+            return (server_text(code, secrets) if code else None), text
 
         return describe
 

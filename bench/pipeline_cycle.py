@@ -8,6 +8,8 @@ Baselines measured in the same run:
   * sequential: the original utility's model, one customer after another in one process, with
     the same HTTP clients and handlers, no broker (on a sample of --sequential-sample customers,
     reported per customer and extrapolated to the fleet);
+  * I/O floor: a bare httpx loop that only fetches the same pages (customer, users, token,
+    employees) for every customer, with the same total concurrency as the largest worker count;
   * publish limit: pika publishing the same command bodies without confirms.
 Usage: python bench/pipeline_cycle.py [--customers 1000] [--workers 1 2] [--concurrency 16]
        [--latency-ms 20] [--commands 10000] [--amqp-url amqp://guest:guest@127.0.0.1:5672/]
@@ -217,6 +219,49 @@ def sequential_baseline(args: argparse.Namespace) -> float:
         return seconds / len(customers)
 
 
+def io_floor(args: argparse.Namespace, threads: int) -> float:
+    """Seconds to fetch every page the workers fetch, with plain httpx and `threads` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with simulator(args.customers, args.seed, args.latency_ms) as env:
+        sm_url, sm_auth = (
+            env["SFSYNC_SM_URL"],
+            {"Authorization": f"Bearer {env['SFSYNC_SM_TOKEN']}"},
+        )
+        token_url = env["SFSYNC_SHAREFILE_TOKEN_URL_TEMPLATE"]
+        api_url = env["SFSYNC_SHAREFILE_API_URL_TEMPLATE"]
+        credentials = json.loads(Path(env["SFSYNC_SHAREFILE_CREDENTIALS_FILE"]).read_text())["*"]
+        limits = httpx.Limits(max_connections=threads * 2, max_keepalive_connections=threads * 2)
+        with httpx.Client(limits=limits, timeout=60) as http:
+            customers = http.get(f"{sm_url}/customers", headers=sm_auth).json()["items"]
+
+            def fetch(customer: dict) -> None:  # type: ignore[type-arg]
+                sub = customer["sharefile"]["subdomain"]
+                http.get(f"{sm_url}/customers/{customer['id']}", headers=sm_auth)
+                cursor = None
+                while True:
+                    params = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+                    page = http.get(
+                        f"{sm_url}/customers/{customer['id']}/users", params=params, headers=sm_auth
+                    ).json()
+                    cursor = page.get("next_cursor")
+                    if not cursor:
+                        break
+                token = http.post(
+                    token_url.format(subdomain=sub), data={"grant_type": "password", **credentials}
+                ).json()
+                auth = {"Authorization": f"Bearer {token['access_token']}"}
+                url: str | None = api_url.format(subdomain=sub) + "Accounts/Employees"
+                while url:
+                    url = http.get(url, headers=auth).json().get("odata.nextLink")
+
+            enabled = [c for c in customers if c["sharefile"]["enabled"]]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(fetch, enabled))
+            return time.perf_counter() - started
+
+
 class ListedCustomers:
     def __init__(self, n: int) -> None:
         self.ids = [f"cust-{i:06d}" for i in range(n)]
@@ -301,6 +346,10 @@ def main() -> int:
             f"{per_customer * args.customers:.1f} s",
         )
     )
+    threads = max(args.workers) * args.concurrency
+    print(f"I/O floor with {threads} threads ...", file=sys.stderr)
+    floor = io_floor(args, threads)
+    rows.append((f"baseline: I/O floor, bare httpx, {threads} threads", f"{floor:.1f} s"))
     for workers in args.workers:
         print(f"cycle with {workers} worker process(es) ...", file=sys.stderr)
         seconds, exact = pipeline_cycle(args, workers, expected)
@@ -313,6 +362,7 @@ def main() -> int:
         rows.append(
             ("  speed-up over sequential", f"{per_customer * args.customers / seconds:.1f}x")
         )
+        rows.append(("  / I/O floor", f"{seconds / floor:.2f}x"))
 
     print(
         f"\nsync cycle of {args.customers:,} customers through RabbitMQ, "

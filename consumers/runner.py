@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from adapters import metrics
 from adapters.broker import Broker, Delivery, Outgoing, attempt_of
 from adapters.topology import (
     ATTEMPT_HEADER,
@@ -28,7 +30,7 @@ from adapters.topology import (
     QueueSpec,
     Topology,
 )
-from domain.errors import PermanentError, SfsyncError, TransientError
+from domain.errors import InvalidMessage, PermanentError, SfsyncError, TransientError
 from domain.messages import Envelope, decode
 
 log = logging.getLogger("sfsync.runner")
@@ -66,7 +68,9 @@ class MessageRunner:
         self._counts_lock = threading.Lock()
 
     def process(self, delivery: Delivery) -> Outcome:
+        started = time.perf_counter()
         outcome = self._process(delivery)
+        metrics.message_outcome(delivery.type, outcome.value, time.perf_counter() - started)
         with self._counts_lock:
             self.counts[outcome] += 1
         return outcome
@@ -96,6 +100,10 @@ class MessageRunner:
                 "%s failed %d times, giving up: %s", message.type, attempt, exc, extra=context
             )
             return self._give_up(delivery, message, exc, f"gave up after {attempt} attempts")
+        except InvalidMessage as exc:
+            # Valid JSON of a type this queue does not take (a misrouted event, say).
+            log.warning("parking %s: %s", message.type, exc.detail, extra=context)
+            return self._give_up(delivery, message, exc, "invalid message")
         except PermanentError as exc:
             log.error("%s failed permanently: %s", message.type, exc, extra=context)
             return self._give_up(delivery, message, exc, "permanent error")
@@ -129,10 +137,11 @@ class MessageRunner:
         return self._finish(delivery, [retry], success=Outcome.RETRIED)
 
     def _park(self, delivery: Delivery, reason: str) -> Outcome:
+        # The attempt header of a parked message counts every failed handling, this one too.
         parked = self._copy(
             delivery,
             self.topology.dead_queue(delivery.queue),
-            attempt=attempt_of(delivery),
+            attempt=attempt_of(delivery) + 1,
             reason=reason,
         )
         return self._finish(delivery, [parked], success=Outcome.PARKED)
@@ -155,7 +164,10 @@ class MessageRunner:
         headers.update(
             {
                 ATTEMPT_HEADER: attempt,
-                REASON_HEADER: reason[:MAX_REASON_CHARS],
+                # Error texts may quote anything (lone surrogates included): keep it encodable.
+                REASON_HEADER: reason[:MAX_REASON_CHARS]
+                .encode("utf-8", "backslashreplace")
+                .decode("utf-8"),
                 FROM_QUEUE_HEADER: delivery.queue,
                 ROUTING_KEY_HEADER: delivery.routing_key,
             }

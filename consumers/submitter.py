@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from domain.errors import PermanentError, SfsyncError
+from domain.errors import InvalidMessage, SfsyncError
 from domain.messages import (
     Envelope,
     ProvisioningCompleted,
@@ -22,7 +22,7 @@ log = logging.getLogger("sfsync.submitter")
 
 def _request_of(message: Envelope[Any]) -> ProvisioningRequested:
     if not isinstance(message.payload, ProvisioningRequested):
-        raise PermanentError(f"the provisioning queue does not take {message.type} messages")
+        raise InvalidMessage(f"the provisioning queue does not take {message.type} messages")
     return message.payload
 
 
@@ -57,7 +57,7 @@ class SubmitHandler:
     def on_give_up(self, message: Envelope[Any], error: SfsyncError) -> Sequence[Envelope[Any]]:
         try:
             request = _request_of(message)
-        except PermanentError:
+        except InvalidMessage:
             return []
         failed = ProvisioningFailed(
             customer_id=request.customer_id,

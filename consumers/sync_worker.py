@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from domain.errors import PermanentError, SfsyncError
+from adapters import metrics
+from domain.errors import InvalidMessage, PermanentError, SfsyncError
 from domain.messages import (
     Envelope,
     Stamper,
@@ -40,7 +41,7 @@ def job_of(message: Envelope[Any]) -> _Job:
         return _Job(payload.customer_id, payload.run_id, payload.dry_run, payload.approved_plan_id)
     if isinstance(payload, SyncRequested):
         return _Job(payload.customer_id, f"event-{message.message_id}", False, None)
-    raise PermanentError(f"the sync queue does not take {message.type} messages")
+    raise InvalidMessage(f"the sync queue does not take {message.type} messages")
 
 
 @dataclass
@@ -85,6 +86,9 @@ class SyncHandler:
             request_ids=tuple(r.request_id for r in requests),
         )
         counts = plan.counts()
+        metrics.plan(
+            provision=counts["provision"], deprovision=counts["deprovision"], held=counts["held"]
+        )
         log.info(
             "planned %s: provision %d, deprovision %d, held %d, unmatched %d, conflicts %d",
             report.outcome.value,
@@ -104,7 +108,7 @@ class SyncHandler:
     def on_give_up(self, message: Envelope[Any], error: SfsyncError) -> Sequence[Envelope[Any]]:
         try:
             job = job_of(message)
-        except PermanentError:
+        except InvalidMessage:
             return []
         report = SyncReport.failure(
             customer_id=job.customer_id, run_id=job.run_id, dry_run=job.dry_run, error=str(error)

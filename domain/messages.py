@@ -10,7 +10,15 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from domain.errors import InvalidMessage
 from domain.plan import Action, Plan, PlanItem, Rule
@@ -75,6 +83,20 @@ class ProvisioningRequested(Payload):
         tuple[ProvisioningItem, ...],
         Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST),
     ]
+
+    @field_validator("items")
+    @classmethod
+    def _one_item_per_user(
+        cls, items: tuple[ProvisioningItem, ...]
+    ) -> tuple[ProvisioningItem, ...]:
+        # SM refuses a bulk request naming a user twice (400): such a message can never succeed,
+        # so it is invalid here, parked as such, and never posted.
+        seen: set[str] = set()
+        for position, item in enumerate(items):
+            if item.user_id in seen:
+                raise ValueError(f"items[{position}] repeats a user_id of an earlier item")
+            seen.add(item.user_id)
+        return items
 
 
 class _ReportPayload(Payload, SyncReport):

@@ -17,6 +17,7 @@ class DisabledEmployees(StrEnum):
 class HoldCode(StrEnum):
     SOURCE_EMPTY = "source_empty"
     SOURCE_INCOMPLETE = "source_incomplete"
+    SOURCE_UNMATCHABLE = "source_unmatchable"
     TOO_MANY_DEPROVISIONS = "too_many_deprovisions"
     DEPROVISION_RATIO = "deprovision_ratio"
 
@@ -33,7 +34,8 @@ class SafetyGuard(BaseModel):
 
     Modelled on Entra ID's accidental-deletion prevention: one threshold in users, one in share of
     the provisioned users (only once a customer has `ratio_floor` of them, so that a five-user
-    customer can lose two), and a check that the ShareFile side answered in full.
+    customer can lose two), and checks that the ShareFile side answered in full and in a shape
+    that can be matched (most employees carry a usable e-mail).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -49,6 +51,7 @@ class SafetyGuard(BaseModel):
         provisioned: int,
         employees_received: int,
         employees_declared: int | None,
+        employees_matchable: int | None = None,
     ) -> tuple[HoldReason, ...]:
         """Every reason to hold the removals of a plan; empty when they may go out."""
         if deprovisions == 0:
@@ -61,6 +64,19 @@ class SafetyGuard(BaseModel):
                     message=(
                         f"ShareFile returned no employees while {provisioned} users are "
                         "provisioned in Services Manager"
+                    ),
+                )
+            )
+        matchable = employees_received if employees_matchable is None else employees_matchable
+        if employees_received > 0 and matchable * 2 < employees_received:
+            # Most employees without an address is a broken feed (a renamed field, an ignored
+            # $select), not a company whose staff lost their e-mail: nobody would match.
+            reasons.append(
+                HoldReason(
+                    code=HoldCode.SOURCE_UNMATCHABLE,
+                    message=(
+                        f"only {matchable} of {employees_received} ShareFile employees have "
+                        "a usable e-mail address"
                     ),
                 )
             )

@@ -49,11 +49,13 @@ def reconcile(
     sf_index: dict[str, SharefileUser] = {}
     sf_duplicates: dict[str, list[SharefileUser]] = {}
     employees = 0
+    unmatchable = 0
     for record in sharefile_users:
         employees += record.is_employee
         key = normalise_email(record.email)
         if key is None:
             if record.is_employee:
+                unmatchable += 1
                 skipped.append(
                     Skipped(
                         reason=SkipReason.SHAREFILE_USER_WITHOUT_EMAIL,
@@ -177,6 +179,7 @@ def reconcile(
         provisioned=provisioned_before,
         employees_received=employees,
         employees_declared=sharefile_declared,
+        employees_matchable=employees - unmatchable,
     )
     approved = bool(reasons) and policy.approved_plan_id == plan_id
     held = bool(reasons) and not approved

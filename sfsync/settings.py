@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,7 +27,10 @@ class Settings(BaseSettings):
     )
 
     # Broker: memory:// (embedded, one process) or one or more comma-separated amqp(s):// URLs.
-    broker_url: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["memory://"])
+    # AMQP URLs carry passwords: kept out of repr(); logs redact them (see secret_values).
+    broker_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["memory://"], repr=False
+    )
     prefix: str = Field(default="sfsync", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     heartbeat_s: int = Field(default=30, ge=1, le=600)
 
@@ -115,6 +119,19 @@ class Settings(BaseSettings):
             ),
         )
 
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, whole and as URL passwords, for log redaction."""
+        values: list[str] = []
+        for secret in (self.sm_token, self.database_url, self.management_url):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        urls = [v for v in values if "://" in v] + [u for u in self.broker_url if "://" in u]
+        for url in urls:
+            password = urlsplit(url).password
+            if password:
+                values.append(unquote(password))
+        return values
+
     def require(self, *names: str) -> None:
         """Fail with one line per missing setting that this role needs."""
         missing = [name for name in names if getattr(self, name) in (None, "")]
@@ -132,13 +149,17 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(_describe(exc)) from None
 
 
+# Never echo what was given for these: a token, or a URL that may hold a password.
+_UNSHOWN = ("token", "secret", "password", "url")
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors(include_url=False):
         field = str(error["loc"][0]) if error["loc"] else "settings"
         shown = (
             ""
-            if "token" in field or "secret" in field or "password" in field
+            if any(word in field for word in _UNSHOWN)
             else (f" (got {error.get('input')!r})" if "input" in error else "")
         )
         lines.append(f"SFSYNC_{field.upper()}: {error['msg']}{shown}")

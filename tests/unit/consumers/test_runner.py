@@ -114,7 +114,7 @@ def test_transient_errors_past_max_attempts_report_failure_and_park(broker: Memo
     assert handler.calls == 3
     assert events(broker) == ["sync.failed"]
     [(_, headers)] = broker.messages("t.sync.dead")
-    assert headers[ATTEMPT_HEADER] == 2
+    assert headers[ATTEMPT_HEADER] == 3
     assert "gave up after 3 attempts" in headers[REASON_HEADER]
 
 

@@ -330,3 +330,35 @@ def test_plan_id_does_not_depend_on_whether_the_guard_held() -> None:
     strict = Policy(guard=SafetyGuard(max_deprovision=0))
 
     assert run(staying=30, leaving=3, policy=strict).plan_id == run(staying=30, leaving=3).plan_id
+
+
+def test_a_feed_where_most_employees_lack_an_address_holds_every_removal() -> None:
+    guard = SafetyGuard()
+    reasons = guard.check(
+        deprovisions=1,
+        provisioned=6,
+        employees_received=6,
+        employees_declared=6,
+        employees_matchable=2,
+    )
+    assert [r.code.value for r in reasons] == ["source_unmatchable"]
+    assert "only 2 of 6" in reasons[0].message
+
+
+def test_a_few_employees_without_an_address_do_not_hold_removals() -> None:
+    reasons = SafetyGuard().check(
+        deprovisions=1,
+        provisioned=6,
+        employees_received=6,
+        employees_declared=6,
+        employees_matchable=3,
+    )
+    assert reasons == ()
+
+
+def test_reconcile_holds_removals_when_no_employee_has_a_usable_address() -> None:
+    sm = [SmUser(id=f"u{i}", email=f"user{i}@acme.example", state="provisioned") for i in range(6)]
+    sf = [SharefileUser(id=f"s{i}", email=None) for i in range(6)]
+    plan = reconcile(sm, sf)
+    assert plan.deprovision == () and len(plan.held) == 6
+    assert [r.code.value for r in plan.hold_reasons] == ["source_unmatchable"]

@@ -74,6 +74,17 @@ def test_the_token_never_appears_in_repr_or_errors(monkeypatch: pytest.MonkeyPat
     assert "s3cr3t-token-value" not in str(settings.model_dump())
 
 
+def test_secret_values_include_url_passwords_for_log_redaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SFSYNC_SM_TOKEN", "sm-token-1234")
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqp://svc:br%40ker-pw@rabbit:5672/")
+    monkeypatch.setenv("SFSYNC_DATABASE_URL", "postgresql+psycopg://audit:db-pw-5678@db/sfsync")
+    secrets = load_settings().secret_values()
+    assert {"sm-token-1234", "br@ker-pw", "db-pw-5678"} <= set(secrets)
+    assert "postgresql+psycopg://audit:db-pw-5678@db/sfsync" in secrets
+
+
 def test_required_settings_are_named_when_missing() -> None:
     with pytest.raises(ConfigError) as error:
         load_settings().require("sm_url", "sm_token")
