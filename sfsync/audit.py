@@ -16,7 +16,7 @@ from adapters.topology import Topology
 from consumers.audit import AuditHandler
 from consumers.run_tracker import RunResult
 from consumers.runner import MessageRunner, QueueConsumer
-from sfsync.bootstrap import Roles, build_topology, running
+from sfsync.bootstrap import Roles, build_broker, build_topology, running
 from sfsync.settings import Settings
 
 log = logging.getLogger("sfsync.audit")
@@ -38,14 +38,7 @@ def audit_topology(settings: Settings) -> Topology:
 def build_audit_broker(settings: Settings, *, name: str) -> Broker:
     """Like bootstrap.build_broker, but its topology declares `<prefix>.audit` (and its retry and
     parking queues) at every (re)connect, so that no event published after start is missed."""
-    topology = audit_topology(settings)
-    if settings.uses_memory_broker:
-        from adapters.memory import MemoryBroker
-
-        return MemoryBroker(topology)
-    from adapters.amqp import AmqpBroker
-
-    return AmqpBroker(settings.broker_url, topology, name=name, heartbeat_s=settings.heartbeat_s)
+    return build_broker(settings, name=name, topology=audit_topology(settings))
 
 
 def start_audit_consumer(broker: Broker, settings: Settings, store: AuditStore) -> QueueConsumer:

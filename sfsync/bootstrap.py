@@ -44,8 +44,9 @@ def build_topology(settings: Settings) -> Topology:
     )
 
 
-def build_broker(settings: Settings, *, name: str) -> Broker:
-    topology = build_topology(settings)
+def build_broker(settings: Settings, *, name: str, topology: Topology | None = None) -> Broker:
+    """The configured broker (memory:// or RabbitMQ), declaring `topology` (default: settings')."""
+    topology = topology or build_topology(settings)
     if settings.uses_memory_broker:
         from adapters.memory import MemoryBroker
 

@@ -54,6 +54,7 @@ SUMMARY_COLUMNS = (
 @click.option(
     "--customer", "customers", multiple=True, metavar="ID", help="only these customers (repeatable)"
 )
+@click.option("--all", "all_customers", is_flag=True, help="every enabled customer (the default)")
 @click.option("--dry-run", is_flag=True, help="plan and report, request nothing")
 @click.option(
     "--approve-plan", metavar="PLAN_ID", help="release the held removals of exactly this plan"
@@ -74,6 +75,7 @@ SUMMARY_COLUMNS = (
 def sync(
     broker_url: str | None,
     customers: tuple[str, ...],
+    all_customers: bool,
     dry_run: bool,
     approve_plan: str | None,
     as_json: bool,
@@ -82,6 +84,8 @@ def sync(
     audit: bool | None,
 ) -> None:
     """Run one sync cycle now and print every customer's report."""
+    if all_customers and customers:
+        _fail("give either --all or --customer, not both")
     settings = _settings(broker_url=broker_url)
     if no_local_workers and settings.uses_memory_broker:
         _fail("--no-local-workers needs a shared broker (amqp://…)")

@@ -63,3 +63,44 @@ def test_every_role_has_help() -> None:
         result = run(command, "--help")
         assert result.exit_code == 0, command
         assert "Usage: " in result.output
+
+
+def test_all_and_customer_together_are_refused() -> None:
+    result = run("sync", "--all", "--customer", "c1")
+    assert result.exit_code == EXIT_CONFIG
+    assert "either --all or --customer" in result.output
+
+
+def test_progress_is_a_plain_line_when_not_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from consumers.run_tracker import RunProgress
+    from sfsync.cli import runs
+
+    monkeypatch.setattr(runs, "console", Console(file=io.StringIO(), force_terminal=False))
+    lines: list[str] = []
+    monkeypatch.setattr(runs.click, "echo", lambda text, err=False: lines.append(text))
+    with runs._progress_display() as update:
+        update(RunProgress(customers=10, reported=4, failed=1, held=0, requests=3, answered=2))
+        update(RunProgress(customers=10, reported=10, failed=1, held=0, requests=3, answered=3))
+    assert lines[0].startswith("progress: 4/10 customers reported, 1 failed")
+    assert lines[-1].startswith("progress: 10/10 customers reported")
+
+
+def test_progress_is_a_live_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from consumers.run_tracker import RunProgress
+    from sfsync.cli import runs
+
+    screen = io.StringIO()
+    monkeypatch.setattr(runs, "console", Console(file=screen, force_terminal=True, width=100))
+    with runs._progress_display() as update:
+        update(RunProgress(customers=10, reported=4, failed=1, held=2, requests=3, answered=2))
+    drawn = screen.getvalue()
+    assert "4/10" in drawn and "failed 1, held 2" in drawn
+    assert "━" in drawn  # the bar itself
