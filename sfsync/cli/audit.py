@@ -24,6 +24,7 @@ from sfsync.cli._common import (
     _when,
     broker_option,
 )
+from sfsync.cli.runs import SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from adapters.audit_store import AuditStore
@@ -44,20 +45,7 @@ CSV_COLUMNS = (
     "sm_error_code",
 )
 
-REPORT_COLUMNS = (
-    "run",
-    "customer",
-    "outcome",
-    "provision",
-    "deprovision",
-    "held",
-    "unmatched",
-    "conflicts",
-    "pending",
-    "skipped",
-    "accepted",
-    "rejected",
-)
+REPORT_COLUMNS = ("run", *SUMMARY_COLUMNS, "accepted", "rejected")
 
 
 @click.command()
