@@ -103,8 +103,5 @@ def render_text(report: SyncReport) -> str:
     for reason in report.hold_reasons:
         lines.append(f"  held: {reason.message}")
     if report.hold_reasons and report.plan_id:
-        lines.append(
-            f"  to approve: sfsync sync --customer {report.customer_id} "
-            f"--approve-plan {report.plan_id}"
-        )
+        lines.append(f"  to approve after review: sfsync approve {report.plan_id} --reason '...'")
     return "\n".join(lines)

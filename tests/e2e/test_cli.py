@@ -40,7 +40,7 @@ def test_demo_prints_a_table_and_the_changes_for_people() -> None:
     result = sfsync("demo")
     assert result.returncode == 0, result.stderr
     assert "sync run run-" in result.stdout
-    assert "to approve: sfsync sync --customer" in result.stdout
+    assert "to approve after review: sfsync approve plan-" in result.stdout
     assert "Services Manager now:" in result.stdout
 
 

@@ -142,7 +142,7 @@ def test_text_of_a_held_sync_gives_the_reasons_and_how_to_approve() -> None:
     assert "held 1" in text
     assert f"held: {plan.hold_reasons[0].message}" in text
     assert "max_deprovision=0" in text
-    assert f"--approve-plan {plan.plan_id}" in text
+    assert f"sfsync approve {plan.plan_id}" in text
 
 
 def test_text_of_a_failed_sync_gives_the_error() -> None:
