@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -87,10 +88,10 @@ class AmqpDelivery:
         self.type = properties.type
 
     def ack(self) -> None:
-        self._broker._on_io_thread(self._settle_ack)
+        self._broker._settle_later(self._settle_ack)
 
     def requeue(self) -> None:
-        self._broker._on_io_thread(self._settle_requeue)
+        self._broker._settle_later(self._settle_requeue)
 
     def _settle_ack(self) -> None:
         if self._still_open():
@@ -143,6 +144,10 @@ class AmqpBroker:
         # Every publish future not yet settled, so that a lost connection fails them all, even
         # those whose publish callback never reached the I/O thread.
         self._unsettled: set[Future[None]] = set()
+        # Acks and requeues wait here for one hand-off that settles them all: one wake-up of the
+        # I/O loop per batch instead of one per message.
+        self._settles: deque[Callable[[], None]] = deque()
+        self._settle_scheduled = False
         # Fallbacks of hand-offs to the I/O thread that have not run yet (see _on_io_thread).
         self._fallbacks: dict[object, Callable[[], None]] = {}
         self._next_tag = 0
@@ -285,6 +290,27 @@ class AmqpBroker:
             fallbacks = [f for f in (self._fallbacks.pop(k, None) for k in keys) if f]
         for fallback in fallbacks:
             fallback()
+
+    def _settle_later(self, settle: Callable[[], None]) -> None:
+        with self._lock:
+            self._settles.append(settle)
+            if self._settle_scheduled:
+                return
+            self._settle_scheduled = True
+        self._on_io_thread(self._settle_all, fallback=self._drop_settles)
+
+    def _settle_all(self) -> None:
+        with self._lock:
+            settles, self._settles = self._settles, deque()
+            self._settle_scheduled = False
+        for settle in settles:
+            settle()
+
+    def _drop_settles(self) -> None:
+        # The connection is gone: RabbitMQ has requeued these deliveries itself.
+        with self._lock:
+            self._settles.clear()
+            self._settle_scheduled = False
 
     # -- the I/O thread ------------------------------------------------------------------------
 

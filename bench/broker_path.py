@@ -1,0 +1,209 @@
+"""Benchmark: the broker path alone — confirmed publishing and consume + ack — against bare pika.
+
+1. publish: the scheduler publishing N sync.commands with publisher confirms (batches of 1000,
+   asynchronous confirms) against pika publishing the same bodies without confirms;
+2. consume: the worker's runner (decode, a no-op handler, ack after its outputs are confirmed)
+   draining N queued commands with `--concurrency` threads, against a bare pika consumer
+   (BlockingConnection, the same prefetch, ack per message) draining the same messages.
+Each measurement uses a fresh topology prefix on the local broker, deleted afterwards.
+Usage: python bench/broker_path.py [--messages 100000] [--concurrency 16] [--amqp-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pika
+
+from adapters.amqp import AmqpBroker
+from adapters.broker import Outgoing
+from adapters.topology import Topology
+from consumers.runner import MessageRunner, Outcome, QueueConsumer
+from domain.errors import SfsyncError
+from domain.messages import Envelope, SyncCommand
+from domain.records import Customer
+from producers.scheduler import Scheduler
+from sfsync.bootstrap import default_stamper
+
+
+class Listed:
+    """A Services Manager port that only lists `n` customers."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = [f"cust-{i:06d}" for i in range(n)]
+
+    def list_customers(self) -> Any:
+        return (Customer(id=i, sharefile_enabled=True, subdomain=i) for i in self.ids)
+
+
+class NoOp:
+    """A handler that does nothing: what is left is the broker path and the runner."""
+
+    def handle(self, message: Envelope[Any]) -> Sequence[Envelope[Any]]:
+        return []
+
+    def on_give_up(self, message: Envelope[Any], error: SfsyncError) -> Sequence[Envelope[Any]]:
+        return []
+
+
+def fresh_topology() -> Topology:
+    return Topology(prefix=f"sfsync-bench-{uuid.uuid4().hex[:6]}")
+
+
+def delete(amqp_url: str, topology: Topology) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        for spec in topology.queues():
+            connection.channel().queue_delete(spec.name)
+        connection.channel().exchange_delete(topology.exchange)
+    finally:
+        connection.close()
+
+
+def bodies(n: int) -> list[bytes]:
+    stamp = default_stamper()
+    return [
+        stamp(SyncCommand(customer_id=i, run_id="bench"), correlation_id="bench").to_json()
+        for i in Listed(n).ids
+    ]
+
+
+def scheduler_publish(amqp_url: str, n: int) -> float:
+    topology = fresh_topology()
+    broker = AmqpBroker([amqp_url], topology, name="bench-scheduler")
+    broker.start()
+    try:
+        scheduler = Scheduler(
+            sm=Listed(n),  # type: ignore[arg-type]
+            broker=broker,
+            stamp=default_stamper(),
+            new_run_id=lambda: "bench",
+        )
+        started = time.perf_counter()
+        scheduler.run_once()
+        return n / (time.perf_counter() - started)
+    finally:
+        broker.close()
+        delete(amqp_url, topology)
+
+
+def bare_publish(amqp_url: str, payloads: list[bytes]) -> float:
+    topology = fresh_topology()
+    declaring = AmqpBroker([amqp_url], topology, name="bench-declare")
+    declaring.start()  # declare the topology, as every role does, then let go
+    declaring.close()
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        properties = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+        started = time.perf_counter()
+        for body in payloads:
+            channel.basic_publish(topology.exchange, "sync.command", body, properties)
+        connection.process_data_events(0)
+        return len(payloads) / (time.perf_counter() - started)
+    finally:
+        connection.close()
+        delete(amqp_url, topology)
+
+
+def fill(amqp_url: str, topology: Topology, payloads: list[bytes]) -> None:
+    broker = AmqpBroker([amqp_url], topology, name="bench-fill")
+    broker.start()
+    try:
+        for start in range(0, len(payloads), 1000):
+            broker.publish(
+                [
+                    Outgoing("sync.command", body, str(start + i), "bench", "sync.command")
+                    for i, body in enumerate(payloads[start : start + 1000])
+                ]
+            )
+    finally:
+        broker.close()
+
+
+def runner_consume(amqp_url: str, payloads: list[bytes], concurrency: int) -> float:
+    topology = fresh_topology()
+    fill(amqp_url, topology, payloads)
+    broker = AmqpBroker([amqp_url], topology, name="bench-worker")
+    broker.start()
+    runner = MessageRunner(broker, topology, NoOp())
+    consumer = QueueConsumer(broker, topology.queues()[0], runner, concurrency)
+    try:
+        started = time.perf_counter()
+        consumer.start()
+        while runner.counts[Outcome.ACKED] < len(payloads):
+            time.sleep(0.01)  # polling the count of a running consumer: the measurement's clock
+        return len(payloads) / (time.perf_counter() - started)
+    finally:
+        consumer.stop()
+        broker.close()
+        delete(amqp_url, topology)
+
+
+def bare_consume(amqp_url: str, payloads: list[bytes], prefetch: int) -> float:
+    topology = fresh_topology()
+    fill(amqp_url, topology, payloads)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    done = threading.Event()
+    acked = [0]
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=prefetch)
+
+        def on_message(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
+            ch.basic_ack(method.delivery_tag)
+            acked[0] += 1
+            if acked[0] == len(payloads):
+                done.set()
+
+        channel.basic_consume(topology.sync_queue, on_message)
+        started = time.perf_counter()
+        while not done.is_set():
+            connection.process_data_events(time_limit=0.1)
+        return len(payloads) / (time.perf_counter() - started)
+    finally:
+        connection.close()
+        delete(amqp_url, topology)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--amqp-url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    args = parser.parse_args()
+    payloads = bodies(args.messages)
+
+    print("publishing ...", file=sys.stderr)
+    confirmed = scheduler_publish(args.amqp_url, args.messages)
+    unconfirmed = bare_publish(args.amqp_url, payloads)
+    print("consuming ...", file=sys.stderr)
+    ours = runner_consume(args.amqp_url, payloads, args.concurrency)
+    bare = bare_consume(args.amqp_url, payloads, args.concurrency)
+
+    rows = [
+        ("scheduler publish with confirms", f"{confirmed:,.0f} msg/s"),
+        ("baseline: pika publish, no confirms", f"{unconfirmed:,.0f} msg/s"),
+        ("  scheduler / baseline (goal >= 50%)", f"{confirmed / unconfirmed:.0%}"),
+        (f"runner consume + ack, no-op handler, {args.concurrency} threads", f"{ours:,.0f} msg/s"),
+        (f"baseline: bare pika consumer, prefetch {args.concurrency}", f"{bare:,.0f} msg/s"),
+        ("  runner / baseline (goal >= 50%)", f"{ours / bare:.0%}"),
+    ]
+    print(f"\nbroker path, {args.messages:,} sync.command messages, local RabbitMQ")
+    width = max(len(name) for name, _ in rows) + 2
+    for name, value in rows:
+        print(f"{name:<{width}}{value:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
