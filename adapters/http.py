@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -221,6 +221,28 @@ def malformed(
     return PermanentError(
         f"malformed response: {problem}", customer_id=customer_id, call=call, status=status
     )
+
+
+class HttpApiClient:
+    """Base of the API clients: the pooled httpx client they were given, or one of their own.
+
+    A client passed in belongs to its owner (the composition root shares one per process);
+    one created here is closed by `close()`.
+    """
+
+    def __init__(self, http: httpx.Client | None) -> None:
+        self._owns_http = http is None
+        self._http = http if http is not None else new_http_client()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def send_with_retry(

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapters.broker import Delivery, Outgoing
@@ -241,11 +241,5 @@ class MemoryBroker:
 
 
 def _copy(message: _Message) -> _Message:
-    return _Message(
-        body=message.body,
-        routing_key=message.routing_key,
-        headers=dict(message.headers),
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        type=message.type,
-    )
+    """One queue's own copy: its headers and delivery count are not shared with other queues."""
+    return replace(message, headers=dict(message.headers), delivery_count=0)

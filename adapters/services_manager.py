@@ -11,11 +11,11 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from adapters.http import (
+    HttpApiClient,
     RetryPolicy,
     body_text,
     is_sendable_token,
     malformed,
-    new_http_client,
     parse_json,
     send_with_retry,
     server_text,
@@ -36,7 +36,7 @@ CALL_SUBMIT = "POST sm provisioning-requests"
 CALL_GET_REQUEST = "GET sm provisioning-requests"
 
 
-class ServicesManagerClient:
+class ServicesManagerClient(HttpApiClient):
     """Implements domain.ports.ServicesManagerPort over HTTP; safe to share between threads."""
 
     def __init__(
@@ -58,24 +58,12 @@ class ServicesManagerClient:
                 "the Services Manager token is empty or holds characters a bearer token cannot "
                 "(whitespace such as a trailing newline, control or non-ASCII characters)"
             )
-        self._owns_http = http is None
-        self._http = http if http is not None else new_http_client()
+        super().__init__(http)
         self._retry = retry
         self._page_size = page_size
 
     def __repr__(self) -> str:
         return f"ServicesManagerClient(base_url={self._base!r})"
-
-    def close(self) -> None:
-        """Close the HTTP client if this object created it; a shared one belongs to its owner."""
-        if self._owns_http:
-            self._http.close()
-
-    def __enter__(self) -> ServicesManagerClient:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     # -- customers -------------------------------------------------------------------------
 

@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from adapters.credentials import CredentialStore, ShareFileCredentials
 from adapters.http import (
+    HttpApiClient,
     RetryPolicy,
     body_text,
     is_sendable_token,
     malformed,
-    new_http_client,
     parse_json,
     send_with_retry,
     server_text,
@@ -207,7 +207,7 @@ class _Page:
     next_url: str | None
 
 
-class ShareFileClient:
+class ShareFileClient(HttpApiClient):
     """Implements domain.ports.ShareFilePort over HTTP; safe to share between worker threads."""
 
     def __init__(
@@ -227,8 +227,7 @@ class ShareFileClient:
         self._credentials = credentials
         self._token_url_template = token_url_template
         self._api_url_template = api_url_template
-        self._owns_http = http is None
-        self._http = http if http is not None else new_http_client()
+        super().__init__(http)
         self._retry = retry
         self._max_calls = max_concurrency_per_account
         self._clock = clock
@@ -238,17 +237,6 @@ class ShareFileClient:
 
     def __repr__(self) -> str:
         return f"ShareFileClient(token_url_template={self._token_url_template!r})"
-
-    def close(self) -> None:
-        """Close the HTTP client if this object created it; a shared one belongs to its owner."""
-        if self._owns_http:
-            self._http.close()
-
-    def __enter__(self) -> ShareFileClient:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     # -- the port ----------------------------------------------------------------------------
 
