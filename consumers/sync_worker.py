@@ -60,14 +60,16 @@ class SyncHandler:
                 "ShareFile is not enabled for this customer in Services Manager",
                 customer_id=job.customer_id,
             )
-        sm_users = list(self.sm.list_users(job.customer_id))
-        feed = self.sharefile.employees(customer)
-        sharefile_users = list(feed)
         policy = self.policy
         if job.approved_plan_id:
             policy = policy.model_copy(update={"approved_plan_id": job.approved_plan_id})
+        # ShareFile's feed is read in full first (the guard judges it whole); Services Manager's
+        # pages then stream through reconcile and are dropped as they go, so a customer with a
+        # million users costs one side's records, not both.
+        feed = self.sharefile.employees(customer)
+        sharefile_users = list(feed)
         plan = reconcile(
-            sm_users,
+            self.sm.list_users(job.customer_id),
             sharefile_users,
             policy,
             customer_id=job.customer_id,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
+from operator import attrgetter
+from typing import TypeVar, cast
 
-from domain.matching import normalise_email
+from domain.matching import sharefile_user_key, sm_user_key
 from domain.plan import (
     Action,
     Conflict,
@@ -22,9 +23,8 @@ from domain.policy import DisabledEmployees, Policy
 from domain.records import SharefileState, SharefileUser, SmUser
 
 _IN_FLIGHT = frozenset({SharefileState.PROVISIONING, SharefileState.DEPROVISIONING})
-_WITHOUT_SERVICE = frozenset({SharefileState.NOT_PROVISIONED, SharefileState.FAILED})
-
-_User = TypeVar("_User", SmUser, SharefileUser)
+_is_employee = attrgetter("is_employee")
+_T = TypeVar("_T")
 
 
 def reconcile(
@@ -40,119 +40,118 @@ def reconcile(
     `sharefile_users` is what the Employees feed returned (plus, optionally, client users with
     `is_employee=False`); `sharefile_declared` is the count the feed announced, if it did.
     The result depends only on the arguments: same inputs, same plan, same order.
+
+    ShareFile's side is read first and indexed; Services Manager's side is then read once, one
+    user at a time, and not kept: pass a generator (a paged API stream) and a customer with a
+    million users costs the ShareFile records plus a small key -> id map, not both sides' records.
     """
     policy = policy or Policy()
     skipped: list[Skipped] = []
+    sf_index, sf_duplicates, employees, unmatchable = _index_sharefile(sharefile_users, skipped)
 
-    # ShareFile first: its keys are usually its own e-mail strings (already lower case), and
-    # the Services Manager side below reuses them instead of keeping a second copy of each.
-    sf_index: dict[str, SharefileUser] = {}
-    sf_duplicates: dict[str, list[SharefileUser]] = {}
-    employees = 0
-    unmatchable = 0
-    for record in sharefile_users:
-        employees += record.is_employee
-        key = normalise_email(record.email)
-        if key is None:
-            if record.is_employee:
-                unmatchable += 1
-                skipped.append(
-                    Skipped(
-                        reason=SkipReason.SHAREFILE_USER_WITHOUT_EMAIL,
-                        sharefile_user_id=record.id,
-                        email=record.email,
-                    )
-                )
-            continue
-        first_sf = sf_index.setdefault(key, record)
-        if first_sf is not record:
-            sf_duplicates.setdefault(key, [first_sf]).append(record)
-
-    sm_index: dict[str, SmUser] = {}
-    sm_duplicates: dict[str, list[SmUser]] = {}
+    # Services Manager, streamed. Every keyed user not on a conflicted key has exactly one
+    # outcome: counted in sync, or one entry (with its key) in one of the lists below.
+    sm_first: dict[str, str] = {}  # match key -> id of the first SM user on it
+    sm_duplicates: dict[str, list[str]] = {}  # match key -> ids of every SM user on it
+    acted: set[str] = set()  # keys whose first user got a list entry (not "in sync")
+    provision: list[PlanItem] = []
+    deprovision: list[PlanItem] = []
+    pending: list[tuple[str, Pending]] = []
+    skipped_keyed: list[tuple[str, Skipped]] = []
+    in_sync = 0
     sm_count = 0
     provisioned_before = 0
+    keep_disabled = policy.disabled_employees is DisabledEmployees.KEEP
     provisioned = SharefileState.PROVISIONED
+    find = sf_index.get
+
     for sm in sm_users:
         sm_count += 1
-        if sm.state is provisioned:
+        state = sm.state
+        if state is provisioned:
             provisioned_before += 1
-        key = normalise_email(sm.email) or normalise_email(sm.username)
+        key = sm_user_key(sm)
         if key is None:
-            if sm.state is not SharefileState.NOT_PROVISIONED:
+            if state is not SharefileState.NOT_PROVISIONED:
                 # Has (or may have) the service but cannot be matched: never guess, never remove.
                 skipped.append(
                     Skipped(reason=SkipReason.SM_USER_WITHOUT_EMAIL, user_id=sm.id, email=sm.email)
                 )
             continue
-        match = sf_index.get(key)
-        if match is not None and match.email == key:
-            key = match.email  # the same text: keep one string object, not two
-        first_sm = sm_index.setdefault(key, sm)
-        if first_sm is not sm:
-            sm_duplicates.setdefault(key, [first_sm]).append(sm)
-
-    conflicts = [
-        Conflict(
-            match_key=key,
-            sm_user_ids=tuple(sorted(u.id for u in _all_on(sm_index, sm_duplicates, key))),
-            sharefile_user_ids=tuple(sorted(u.id for u in _all_on(sf_index, sf_duplicates, key))),
-        )
-        for key in sorted(sm_duplicates.keys() | sf_duplicates.keys())
-    ]
-    conflicted = {c.match_key for c in conflicts}
-
-    provision: list[PlanItem] = []
-    deprovision: list[PlanItem] = []
-    pending: list[Pending] = []
-    in_sync = 0
-    keep_disabled = policy.disabled_employees is DisabledEmployees.KEEP
-
-    for key, sm in sm_index.items():
-        if key in conflicted:
+        sf = find(key)
+        if sf is not None and sf.email == key:
+            key = sf.email  # the same text: keep ShareFile's string object, not a second copy
+        if key in sm_first:
+            # A second user on this key: a conflict. Take back the first user's outcome.
+            ids = sm_duplicates.get(key)
+            if ids is None:
+                sm_duplicates[key] = [sm_first[key], sm.id]
+                if key not in sf_duplicates and key not in acted:
+                    in_sync -= 1
+            else:
+                ids.append(sm.id)
             continue
-        sf = sf_index.get(key)
+        sm_first[key] = sm.id
+        if key in sf_duplicates:
+            continue
         sf_id = sf.id if sf is not None else None
-        if sm.state in _IN_FLIGHT:
+        if state in _IN_FLIGHT:
             pending.append(
-                Pending(user_id=sm.id, email=sm.email, state=sm.state, sharefile_user_id=sf_id)
+                (key, Pending(user_id=sm.id, email=sm.email, state=state, sharefile_user_id=sf_id))
             )
+            acted.add(key)
             continue
         entitled = sf is not None and sf.is_employee and (keep_disabled or not sf.is_disabled)
-        if sm.state is SharefileState.PROVISIONED:
+        if state is provisioned:
             if entitled:
                 in_sync += 1
-            else:
-                deprovision.append(_item(Action.DEPROVISION, sm, key, sf, _removal_rule(sf)))
+                continue
+            deprovision.append(_item(Action.DEPROVISION, sm, key, sf, _removal_rule(sf)))
         elif entitled:
             if not sm.enabled:
-                skipped.append(
-                    Skipped(
-                        reason=SkipReason.SM_USER_DISABLED,
-                        user_id=sm.id,
-                        sharefile_user_id=sf_id,
-                        email=sm.email,
-                    )
-                )
-            else:
-                rule = (
-                    Rule.RETRY_AFTER_FAILURE
-                    if sm.state is SharefileState.FAILED
-                    else Rule.EMPLOYEE_WITHOUT_SERVICE
-                )
-                provision.append(_item(Action.PROVISION, sm, key, sf, rule))
-        elif sm.state is SharefileState.FAILED:
-            # The failed request may have been a removal: the user may still hold an account.
-            skipped.append(
-                Skipped(
-                    reason=SkipReason.PREVIOUS_REQUEST_FAILED,
+                skip = Skipped(
+                    reason=SkipReason.SM_USER_DISABLED,
                     user_id=sm.id,
                     sharefile_user_id=sf_id,
                     email=sm.email,
                 )
+                skipped_keyed.append((key, skip))
+            else:
+                rule = (
+                    Rule.RETRY_AFTER_FAILURE
+                    if state is SharefileState.FAILED
+                    else Rule.EMPLOYEE_WITHOUT_SERVICE
+                )
+                provision.append(_item(Action.PROVISION, sm, key, sf, rule))
+        elif state is SharefileState.FAILED:
+            # The failed request may have been a removal: the user may still hold an account.
+            skip = Skipped(
+                reason=SkipReason.PREVIOUS_REQUEST_FAILED,
+                user_id=sm.id,
+                sharefile_user_id=sf_id,
+                email=sm.email,
             )
+            skipped_keyed.append((key, skip))
         else:
             in_sync += 1
+            continue
+        acted.add(key)
+
+    conflicted = sm_duplicates.keys() | sf_duplicates.keys()
+    conflicts = [
+        Conflict(
+            match_key=key,
+            sm_user_ids=tuple(sorted(sm_duplicates.get(key) or _one(sm_first.get(key)))),
+            sharefile_user_ids=tuple(
+                sorted(u.id for u in sf_duplicates.get(key) or _one(sf_index.get(key)))
+            ),
+        )
+        for key in sorted(conflicted)
+    ]
+    if sm_duplicates:  # SF-side conflicts were never acted on; SM-side ones are taken back here
+        provision = [i for i in provision if i.match_key not in conflicted]
+        deprovision = [i for i in deprovision if i.match_key not in conflicted]
+    skipped.extend(s for key, s in skipped_keyed if key not in conflicted)
 
     unmatched = [
         Unmatched(
@@ -162,13 +161,13 @@ def reconcile(
             name=_display_name(sf),
             is_disabled=sf.is_disabled,
         )
-        for key, sf in sf_index.items()
-        if sf.is_employee and key not in sm_index and key not in conflicted
+        for key in sf_index.keys() - sm_first.keys()
+        if (sf := sf_index[key]).is_employee and key not in conflicted
     ]
 
     provision.sort(key=_by_key_then_id)
     deprovision.sort(key=_by_key_then_id)
-    pending.sort(key=lambda p: p.user_id)
+    in_flight = sorted((p for key, p in pending if key not in conflicted), key=_by_user_id)
     unmatched.sort(key=lambda u: (u.match_key, u.sharefile_user_id))
     skipped.sort(key=lambda s: (s.reason.value, s.user_id or "", s.sharefile_user_id or ""))
 
@@ -192,7 +191,7 @@ def reconcile(
         approved=approved,
         unmatched=tuple(unmatched),
         conflicts=tuple(conflicts),
-        pending=tuple(pending),
+        pending=tuple(in_flight),
         skipped=tuple(skipped),
         in_sync=in_sync,
         sm_users=sm_count,
@@ -202,10 +201,48 @@ def reconcile(
     )
 
 
-def _all_on(index: dict[str, _User], duplicates: dict[str, list[_User]], key: str) -> list[_User]:
-    if key in duplicates:
-        return duplicates[key]
-    return [index[key]] if key in index else []
+def _index_sharefile(
+    users: Iterable[SharefileUser], skipped: list[Skipped]
+) -> tuple[dict[str, SharefileUser], dict[str, list[SharefileUser]], int, int]:
+    """Index ShareFile's users by match key: (index, duplicates, employees, unmatchable).
+
+    The common case (every user has a usable, distinct address) runs as C-level map/zip/dict,
+    with no Python loop per user; unusable addresses and shared keys take a slower exact path.
+    An index key is the user's own e-mail string whenever that is already normalised.
+    """
+    records = list(users)
+    keys = list(map(sharefile_user_key, records))
+    employees = sum(map(_is_employee, records))
+    unmatchable = 0
+    if keys.count(None):
+        keyed: list[tuple[str, SharefileUser]] = []
+        for key, record in zip(keys, records, strict=True):
+            if key is not None:
+                keyed.append((key, record))
+            elif record.is_employee:
+                unmatchable += 1
+                skipped.append(
+                    Skipped(
+                        reason=SkipReason.SHAREFILE_USER_WITHOUT_EMAIL,
+                        sharefile_user_id=record.id,
+                        email=record.email,
+                    )
+                )
+        keys, records = [key for key, _ in keyed], [record for _, record in keyed]
+    usable = cast("list[str]", keys)  # no None left
+    index = dict(zip(usable, records, strict=True))
+    duplicates: dict[str, list[SharefileUser]] = {}
+    if len(index) != len(usable):
+        index = {}
+        for key, record in zip(usable, records, strict=True):
+            first = index.setdefault(key, record)
+            if first is not record:
+                duplicates.setdefault(key, [first]).append(record)
+    return index, duplicates, employees, unmatchable
+
+
+def _one(value: _T | None) -> list[_T]:
+    return [] if value is None else [value]
 
 
 def _removal_rule(sf: SharefileUser | None) -> Rule:
@@ -231,6 +268,10 @@ def _item(action: Action, sm: SmUser, key: str, sf: SharefileUser | None, rule: 
 
 def _by_key_then_id(item: PlanItem) -> tuple[str, str]:
     return (item.match_key, item.user_id)
+
+
+def _by_user_id(item: Pending) -> str:
+    return item.user_id
 
 
 def _display_name(sf: SharefileUser) -> str | None:

@@ -274,8 +274,9 @@ def test_a_malformed_users_page_fails_the_sync_before_anything_is_planned() -> N
     )
     command = handler.stamp(SyncCommand(customer_id="cust-1", run_id="r1"), correlation_id="r1")
     with pytest.raises(PermanentError, match="malformed response"):
-        handler.handle(command)
-    assert sharefile.calls == []  # it stopped at the first broken answer
+        handler.handle(command)  # raises: no request, no report
+    # ShareFile's feed is read first, in full; the first broken SM page then stops the sync.
+    assert sharefile.calls == ["one"]
 
 
 # -- malformed ShareFile answers the simulator does not serve: JSON of the wrong shape ----------

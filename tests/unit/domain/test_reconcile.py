@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
+from collections.abc import Iterator
 
 import pytest
 from pydantic import ValidationError
@@ -18,6 +20,7 @@ PROVISIONED = SharefileState.PROVISIONED
 PROVISIONING = SharefileState.PROVISIONING
 DEPROVISIONING = SharefileState.DEPROVISIONING
 FAILED = SharefileState.FAILED
+STATES = [PROVISIONED, NOT_PROVISIONED, PROVISIONING, FAILED]
 
 # Never in the way of the rules under test; the guard has its own tests.
 NO_GUARD = SafetyGuard(max_deprovision=10_000, max_deprovision_ratio=1.0)
@@ -295,6 +298,58 @@ def test_email_of_one_sm_user_colliding_with_username_of_another_is_a_conflict()
     assert_no_action(plan)
 
 
+@pytest.mark.parametrize(
+    ("first", "sharefile_users"),
+    [
+        pytest.param(sm("u-1", "ann@acme.example", PROVISIONED), ["ann"], id="in-sync"),
+        pytest.param(sm("u-1", "ann@acme.example", PROVISIONED), [], id="deprovision"),
+        pytest.param(sm("u-1", "ann@acme.example"), ["ann"], id="provision"),
+        pytest.param(sm("u-1", "ann@acme.example", PROVISIONING), ["ann"], id="pending"),
+        pytest.param(sm("u-1", "ann@acme.example", enabled=False), ["ann"], id="skipped"),
+        pytest.param(sm("u-1", "ann@acme.example", FAILED), [], id="failed-skipped"),
+        pytest.param(sm("u-1", "ann@acme.example"), [], id="not-entitled-in-sync"),
+    ],
+)
+def test_a_later_sm_user_on_the_same_key_takes_back_the_first_users_outcome(
+    first: SmUser, sharefile_users: list[str]
+) -> None:
+    # Services Manager's side is read once, in order: by the time the second user on a key
+    # arrives, the first one already has an outcome, which the conflict must undo.
+    plan = plan_for(
+        [
+            first,
+            sm("u-0", "bob@acme.example", PROVISIONED),
+            sm("u-2", "ANN@acme.example", PROVISIONED),
+            sm("u-3", None, username="ann@ACME.example"),
+        ],
+        [sf("sf-1", f"{name}@acme.example") for name in sharefile_users]
+        + [sf("sf-0", "bob@acme.example")],
+    )
+
+    assert [(c.match_key, c.sm_user_ids) for c in plan.conflicts] == [
+        ("ann@acme.example", ("u-1", "u-2", "u-3"))
+    ]
+    assert_no_action(plan)
+    assert plan.pending == ()
+    assert plan.skipped == ()
+    assert plan.unmatched == ()
+    assert plan.in_sync == 1  # bob alone
+    assert plan.sm_users == 4
+
+
+def test_sm_users_on_a_sharefile_conflict_are_listed_once_and_never_acted_on() -> None:
+    plan = plan_for(
+        [sm("u-1", "ann@acme.example", PROVISIONED), sm("u-2", "Ann@acme.example")],
+        [sf("sf-1", "ann@acme.example"), sf("sf-2", "ANN@acme.example")],
+    )
+
+    [conflict] = plan.conflicts
+    assert conflict.sm_user_ids == ("u-1", "u-2")
+    assert conflict.sharefile_user_ids == ("sf-1", "sf-2")
+    assert_no_action(plan)
+    assert plan.in_sync == 0
+
+
 # --- users that cannot be matched -----------------------------------------------------------------
 
 
@@ -468,6 +523,40 @@ def test_reconcile_accepts_one_shot_iterators() -> None:
     )
 
     assert streamed == expected
+
+
+def test_services_manager_side_is_streamed_after_sharefile_and_not_kept() -> None:
+    # The worker streams Services Manager's pages into reconcile: ShareFile's feed must be read
+    # completely first, and no SM record may stay referenced once its outcome is known.
+    sm_users = [
+        sm(f"u-{n}", f"User{n}@Acme.example", STATES[n % 4], enabled=n % 7 != 0)
+        for n in range(3000)
+    ]
+    sharefile_users = [sf(f"sf-{n}", f"user{n}@acme.example") for n in range(0, 3000, 3)]
+    expected = plan_for(sm_users, sharefile_users)
+    payloads = [dataclasses.asdict(user) for user in sm_users]
+    del sm_users
+    live: dict[str, int] = {}
+
+    def live_sm_records() -> int:
+        gc.collect()
+        return sum(isinstance(o, SmUser) for o in gc.get_objects())
+
+    def sharefile_stream() -> Iterator[SharefileUser]:
+        yield from sharefile_users
+        live["before"] = live_sm_records()
+
+    def sm_stream() -> Iterator[SmUser]:
+        assert "before" in live, "Services Manager was read before ShareFile's feed was complete"
+        for payload in payloads:
+            yield SM_USER.validate_python(payload)
+        live["after"] = live_sm_records()
+
+    plan = reconcile(sm_stream(), sharefile_stream(), Policy(guard=NO_GUARD), customer_id="cust-1")
+
+    assert live["after"] - live["before"] <= 1  # the last record yielded, at most
+    assert plan == expected
+    assert plan.counts()["deprovision"] > 0
 
 
 # --- records from real payloads -------------------------------------------------------------------
