@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -35,6 +38,10 @@ log = logging.getLogger("sfsync.broker.amqp")
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 15.0
 PUBLISH_TIMEOUT_S = 60.0
+# One node that does not answer (a host that is down drops packets; nothing refuses them) must not
+# hold up the others for long: a TCP connect, and the whole AMQP (and TLS) handshake, time out.
+CONNECT_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 10.0
 # The client property (next to `connection_name`, the role) that names a connection's deployment.
 PREFIX_PROPERTY = "sfsync_prefix"
 
@@ -50,6 +57,37 @@ def redact_url(url: str) -> str:
 
 def _vhost(params: pika.URLParameters) -> str:
     return "/" if params.virtual_host == "/" else f"/{params.virtual_host}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """What amqps:// connections trust (`ca_file`, else the system's CAs) and, when the broker
+    asks for a client certificate, what they present (`cert_file`, with `key_file` unless the
+    key is in the same file)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    key_password: str | None = field(default=None, repr=False)
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker's certificate and host name."""
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS CA file {self.ca_file} could not be loaded: {exc}") from None
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(
+                    self.cert_file, self.key_file, password=self.key_password or None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                # The reason names the problem (e.g. a key that does not match); never the password.
+                raise ConfigError(
+                    f"TLS client certificate {self.cert_file} (key {self.key_file or 'in it'}) "
+                    f"could not be loaded: {_ssl_reason(exc)}"
+                ) from None
+        return context
 
 
 @dataclass
@@ -109,8 +147,11 @@ class AmqpDelivery:
 class AmqpBroker:
     """A RabbitMQ connection that declares the topology, publishes with confirms and consumes.
 
-    It reconnects by itself (with backoff, trying each URL in random order) whenever the
-    connection drops, re-declares the topology and re-subscribes its consumers.
+    Several URLs are the nodes of one cluster. It connects to one of them at random and, whenever
+    the connection drops, reconnects by itself: to the other nodes first (in random order), then
+    the lost one; after a round in which no node answered it waits (exponential backoff with
+    jitter) and tries a new round. Each time it re-declares the topology and re-subscribes its
+    consumers.
     """
 
     def __init__(
@@ -120,16 +161,25 @@ class AmqpBroker:
         *,
         name: str = "sfsync",
         heartbeat_s: int = 30,
+        tls: TlsFiles | None = None,
     ) -> None:
         if not urls:
             raise ConfigError("no AMQP URL given")
-        self._parameters = []
+        self._parameters: list[tuple[str, pika.URLParameters]] = []
+        context: ssl.SSLContext | None = None
         for url in urls:
             try:
                 params = pika.URLParameters(url)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"invalid AMQP URL {redact_url(url)}: {exc}") from None
+            if params.ssl_options is not None:
+                # pika's default context for amqps:// verifies nothing it can name: it has no
+                # server_hostname, so host name checking fails. Ours verifies both.
+                context = context or (tls or TlsFiles()).context()
+                params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
             params.heartbeat = heartbeat_s
+            params.socket_timeout = CONNECT_TIMEOUT_S
+            params.stack_timeout = HANDSHAKE_TIMEOUT_S
             # The prefix tells deployments (and test sessions) apart on a shared broker: an
             # operator, or a chaos test, can find and close exactly one deployment's connections.
             params.client_properties = {"connection_name": name, PREFIX_PROPERTY: topology.prefix}
@@ -152,6 +202,11 @@ class AmqpBroker:
         self._fallbacks: dict[object, Callable[[], None]] = {}
         self._next_tag = 0
         self._ready = threading.Event()
+        # Whether the current connection became ready (its loss restarts the backoff), and
+        # whether any ever did (before that, a TLS failure is a configuration error).
+        self._was_ready = False
+        self._ready_once = False
+        self._url: str | None = None
         self._closing = threading.Event()
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -251,6 +306,11 @@ class AmqpBroker:
     def connected(self) -> bool:
         return self._ready.is_set()
 
+    @property
+    def connected_url(self) -> str | None:
+        """The (redacted) URL of the node it is connected to, if it is."""
+        return self._url if self._ready.is_set() else None
+
     # -- thread hand-off ---------------------------------------------------------------------
 
     def _on_io_thread(
@@ -316,8 +376,11 @@ class AmqpBroker:
 
     def _run(self) -> None:
         delay = RECONNECT_INITIAL_S
+        order = self._endpoint_order()
         while not self._closing.is_set():
-            url, params = random.choice(self._parameters)
+            url, params = order.pop(0)
+            self._url = url
+            self._was_ready = False
             log.info("connecting to %s", url)
             self._connection = SelectConnection(
                 params,
@@ -335,18 +398,40 @@ class AmqpBroker:
             self._run_fallbacks()
             if self._closing.is_set() or self._fatal is not None:
                 break
-            jittered = delay * (0.5 + random.random())
-            log.warning("RabbitMQ connection lost; reconnecting in %.1fs", jittered)
-            self._closing.wait(jittered)
-            delay = min(delay * 2, RECONNECT_MAX_S)
-            if self._ready.is_set():
+            if self._was_ready:
+                # A working connection was lost: its node may be going away, so the others
+                # come first; the backoff starts over.
                 delay = RECONNECT_INITIAL_S
+                order = self._endpoint_order(last=url)
+                wait = delay * (0.5 + random.random())
+                log.warning("RabbitMQ connection lost; reconnecting in %.1fs", wait)
+            elif order:
+                wait = 0.0  # that node did not answer: the next one may
+            else:
+                order = self._endpoint_order()
+                wait = delay * (0.5 + random.random())
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                log.warning("no RabbitMQ node answered; trying again in %.1fs", wait)
+            self._closing.wait(wait)
+
+    def _endpoint_order(self, last: str | None = None) -> list[tuple[str, pika.URLParameters]]:
+        """Every endpoint once, in random order (spreading roles over the nodes); `last` last."""
+        order = random.sample(self._parameters, len(self._parameters))
+        order.sort(key=lambda endpoint: endpoint[0] == last)
+        return order
 
     def _on_connection_open(self, connection: SelectConnection) -> None:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_error(self, connection: SelectConnection, error: BaseException) -> None:
-        log.warning("could not connect to RabbitMQ: %s", _describe(error))
+        tls_problem = _tls_problem(error)
+        if tls_problem is not None and not self._ready_once:
+            # A certificate that is not trusted (or not accepted) will not become so by retrying:
+            # at start-up that is a configuration error, said once and clearly.
+            self._fatal = ConfigError(f"TLS with {self._url} failed: {tls_problem}")
+            log.error("%s", self._fatal)
+        else:
+            log.warning("could not connect to %s: %s", self._url, tls_problem or _describe(error))
         connection.ioloop.stop()
 
     def _on_connection_closed(self, connection: SelectConnection, reason: BaseException) -> None:
@@ -404,7 +489,8 @@ class AmqpBroker:
             steps.append(self._consume_step(channel, consumer))
 
         def ready() -> None:
-            log.info("RabbitMQ ready (exchange %s)", topology.exchange)
+            log.info("RabbitMQ ready at %s (exchange %s)", self._url, topology.exchange)
+            self._was_ready = self._ready_once = True
             self._ready.set()
 
         _chain(steps, ready)
@@ -574,6 +660,38 @@ def _chain(steps: list[Callable[[Callable[[Any], None]], None]], done: Callable[
             step(next_step)
 
     next_step()
+
+
+def _tls_problem(error: BaseException) -> str | None:
+    """What went wrong in a TLS handshake, if `error` (or what it wraps) is a TLS failure."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:  # the exception objects first: they say more than their text
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"the broker's certificate was not accepted: {current.verify_message}"
+        if isinstance(current, ssl.SSLError):
+            return f"the TLS handshake failed: {_ssl_reason(current)}"
+        # pika nests the cause: AMQPConnectionWorkflowFailed(exceptions=[AMQPConnector...Error(
+        # exception=SSLError)]), and an alert received after the handshake survives only as text.
+        nested = [*current.args, *(getattr(current, "exceptions", None) or ())]
+        nested += [item for arg in current.args if isinstance(arg, list | tuple) for item in arg]
+        nested += [getattr(current, "exception", None), current.__cause__, current.__context__]
+        pending.extend(e for e in nested if isinstance(e, BaseException))
+    alert = _SSL_TEXT.search(str(error))
+    return f"the TLS handshake failed: {alert.group(1).strip()}" if alert else None
+
+
+# "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required (_ssl.c:2580)"
+_SSL_TEXT = re.compile(r"\[SSL: [A-Z0-9_]+\] ([^(\\'\"]+)")
+
+
+def _ssl_reason(error: BaseException) -> str:
+    reason = getattr(error, "reason", None)
+    return str(reason).replace("_", " ").lower() if reason else _describe(error)
 
 
 def _describe(error: BaseException) -> str:

@@ -51,9 +51,18 @@ def build_broker(settings: Settings, *, name: str, topology: Topology | None = N
         from adapters.memory import MemoryBroker
 
         return MemoryBroker(topology)
-    from adapters.amqp import AmqpBroker
+    from adapters.amqp import AmqpBroker, TlsFiles
 
-    return AmqpBroker(settings.broker_url, topology, name=name, heartbeat_s=settings.heartbeat_s)
+    password = settings.broker_key_password
+    tls = TlsFiles(
+        ca_file=settings.broker_ca_file,
+        cert_file=settings.broker_cert_file,
+        key_file=settings.broker_key_file,
+        key_password=password.get_secret_value() if password else None,
+    )
+    return AmqpBroker(
+        settings.broker_url, topology, name=name, heartbeat_s=settings.heartbeat_s, tls=tls
+    )
 
 
 @dataclass

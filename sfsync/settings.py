@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain.errors import ConfigError
@@ -33,6 +35,12 @@ class Settings(BaseSettings):
     )
     prefix: str = Field(default="sfsync", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     heartbeat_s: int = Field(default=30, ge=1, le=600)
+    # TLS for amqps:// URLs: the CA that signed the brokers' certificates (default: the system's
+    # CAs) and, for brokers that ask for one, this process's certificate and key (PEM files).
+    broker_ca_file: Path | None = None
+    broker_cert_file: Path | None = None
+    broker_key_file: Path | None = None
+    broker_key_password: SecretStr | None = None
 
     # Services Manager
     sm_url: str | None = None
@@ -75,8 +83,10 @@ class Settings(BaseSettings):
     @field_validator("broker_url", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
+        # The nodes of a cluster: separated by commas and/or white space (a URL has neither; a
+        # password that does must be percent-encoded: %2C, %20).
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            return [part for part in re.split(r"[,\s]+", value) if part]
         return value
 
     @field_validator("broker_url")
@@ -90,6 +100,32 @@ class Settings(BaseSettings):
             if url != "memory://" and not url.startswith(("amqp://", "amqps://")):
                 raise ValueError("each URL must start with amqp:// or amqps:// (or be memory://)")
         return urls
+
+    @field_validator("broker_ca_file", "broker_cert_file", "broker_key_file")
+    @classmethod
+    def _check_readable(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path} (permissions)")
+        return path
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if self.broker_key_file is not None and self.broker_cert_file is None:
+            raise ValueError(
+                "SFSYNC_BROKER_KEY_FILE is set without SFSYNC_BROKER_CERT_FILE "
+                "(the client certificate it belongs to)"
+            )
+        tls_files = (self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
+        if any(tls_files) and not any(u.startswith("amqps://") for u in self.broker_url):
+            raise ValueError(
+                "TLS files are set (SFSYNC_BROKER_CA_FILE/CERT_FILE/KEY_FILE) "
+                "but no SFSYNC_BROKER_URL is amqps://"
+            )
+        return self
 
     @field_validator("sm_url")
     @classmethod
@@ -122,7 +158,12 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every secret these settings hold, whole and as URL passwords, for log redaction."""
         values: list[str] = []
-        for secret in (self.sm_token, self.database_url, self.management_url):
+        for secret in (
+            self.sm_token,
+            self.database_url,
+            self.management_url,
+            self.broker_key_password,
+        ):
             if secret is not None:
                 values.append(secret.get_secret_value())
         urls = [v for v in values if "://" in v] + [u for u in self.broker_url if "://" in u]
@@ -156,7 +197,12 @@ _UNSHOWN = ("token", "secret", "password", "url")
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors(include_url=False):
-        field = str(error["loc"][0]) if error["loc"] else "settings"
+        if not error["loc"]:
+            # A check across settings: its message names the variables. Its input is every
+            # setting, secrets included: never shown.
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         shown = (
             ""
             if any(word in field for word in _UNSHOWN)

@@ -92,3 +92,70 @@ def test_required_settings_are_named_when_missing() -> None:
         "SFSYNC_SM_URL: required for this command",
         "SFSYNC_SM_TOKEN: required for this command",
     ]
+
+
+def test_broker_urls_may_be_separated_by_commas_spaces_or_newlines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqp://a:1/,amqps://b:2/  amqp://c:3/\namqp://d:4/")
+    assert load_settings().broker_url == [
+        "amqp://a:1/",
+        "amqps://b:2/",
+        "amqp://c:3/",
+        "amqp://d:4/",
+    ]
+
+
+def test_tls_files_are_checked_at_start_up_with_one_line_each(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqps://svc:pw@rabbit:5671/")
+    monkeypatch.setenv("SFSYNC_BROKER_CA_FILE", str(tmp_path / "missing-ca.pem"))
+    monkeypatch.setenv("SFSYNC_BROKER_CERT_FILE", str(tmp_path))  # a folder, not a file
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith(f"SFSYNC_BROKER_CA_FILE: Value error, no such file: {tmp_path}")
+    assert lines[1].startswith(f"SFSYNC_BROKER_CERT_FILE: Value error, no such file: {tmp_path}")
+    assert len(lines) == 2
+
+
+def test_a_key_without_its_certificate_is_refused_without_echoing_any_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("key")
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqps://svc:br0ker-pw@rabbit:5671/")
+    monkeypatch.setenv("SFSYNC_SM_TOKEN", "sm-token-1234")
+    monkeypatch.setenv("SFSYNC_BROKER_KEY_FILE", str(key))
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert str(error.value) == (
+        "SFSYNC_BROKER_KEY_FILE is set without SFSYNC_BROKER_CERT_FILE "
+        "(the client certificate it belongs to)"
+    )
+
+
+def test_tls_files_without_an_amqps_url_are_a_mistake(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("ca")
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqp://svc:pw@rabbit:5672/")
+    monkeypatch.setenv("SFSYNC_BROKER_CA_FILE", str(ca))
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert "no SFSYNC_BROKER_URL is amqps://" in str(error.value)
+
+
+def test_the_key_password_is_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text(name)
+    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqps://svc:pw@rabbit:5671/")
+    monkeypatch.setenv("SFSYNC_BROKER_CA_FILE", str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SFSYNC_BROKER_CERT_FILE", str(tmp_path / "client.pem"))
+    monkeypatch.setenv("SFSYNC_BROKER_KEY_FILE", str(tmp_path / "client.key"))
+    monkeypatch.setenv("SFSYNC_BROKER_KEY_PASSWORD", "k3y-pa55")
+    settings = load_settings()
+    assert "k3y-pa55" not in repr(settings)
+    assert "k3y-pa55" in settings.secret_values()

@@ -1,0 +1,116 @@
+"""How the RabbitMQ adapter chooses among a cluster's nodes, backs off, and sets up TLS.
+
+No broker is needed: nodes that do not answer are local ports nobody listens on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika.exceptions
+import pytest
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorTransportSetupError,
+)
+
+import adapters.amqp as amqp
+from adapters.amqp import AmqpBroker, TlsFiles, _tls_problem
+from adapters.topology import Topology
+from domain.errors import ConfigError, TransientError
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def dead_urls() -> list[str]:
+    # Not guest: an earlier test may have registered "guest" as a secret to redact from logs.
+    return [f"amqp://backoff-test:unused@127.0.0.1:{closed_port()}/" for _ in range(3)]
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(amqp, "RECONNECT_INITIAL_S", 0.2)
+    monkeypatch.setattr(amqp, "RECONNECT_MAX_S", 0.8)
+    yield
+
+
+def test_each_round_tries_every_node_once_then_backs_off_exponentially(
+    dead_urls: list[str], fast_backoff: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sfsync.broker.amqp")
+    broker = AmqpBroker(dead_urls, Topology(), name="backoff-test")
+    with pytest.raises(TransientError, match="no RabbitMQ answered within 4s"):
+        broker.start(timeout_s=4)
+    rounds: list[list[str]] = [[]]
+    waits: list[float] = []
+    # The messages as logged (the log set-up may have formatted them already: no args to read).
+    for message in (r.getMessage() for r in caplog.records if r.name == "sfsync.broker.amqp"):
+        if message.startswith("connecting to "):
+            rounds[-1].append(message.removeprefix("connecting to "))
+        elif wait := re.fullmatch(r"no RabbitMQ node answered; trying again in (.+)s", message):
+            waits.append(float(wait.group(1)))
+            rounds.append([])
+    complete = rounds[: len(waits)]
+    assert len(complete) >= 3, rounds
+    expected = sorted(amqp.redact_url(u) for u in dead_urls)
+    assert all(sorted(r) == expected for r in complete), complete
+    for k, wait in enumerate(waits):
+        base = min(0.2 * 2**k, 0.8)  # doubling, capped; jitter is ±50 %; logged to 0.1 s
+        assert 0.5 * base - 0.05 <= wait <= 1.5 * base + 0.05, (k, waits)
+
+
+def test_after_a_lost_connection_the_other_nodes_come_first_in_random_order() -> None:
+    urls = [f"amqp://u:p@node{n}:5672/" for n in (1, 2, 3)]
+    broker = AmqpBroker(urls, Topology())
+    lost = amqp.redact_url(urls[1])
+    orders = [[url for url, _ in broker._endpoint_order(last=lost)] for _ in range(40)]
+    assert all(order[-1] == lost and len(set(order)) == 3 for order in orders)
+    assert {order[0] for order in orders} == {amqp.redact_url(urls[0]), amqp.redact_url(urls[2])}
+
+
+def test_amqps_urls_verify_the_certificate_and_the_host_name(tmp_path: Path) -> None:
+    broker = AmqpBroker(["amqps://u:p@rabbit.example:5671/", "amqp://u:p@plain:5672/"], Topology())
+    (_, tls), (_, plain) = broker._parameters
+    assert tls.ssl_options.server_hostname == "rabbit.example"
+    assert tls.ssl_options.context.verify_mode is ssl.CERT_REQUIRED
+    assert tls.ssl_options.context.check_hostname
+    assert plain.ssl_options is None
+
+
+def test_tls_files_that_cannot_be_loaded_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"TLS CA file .*missing\.pem could not be loaded"):
+        TlsFiles(ca_file=tmp_path / "missing.pem").context()
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate")
+    with pytest.raises(ConfigError) as error:
+        TlsFiles(cert_file=cert, key_password="k3y-pa55").context()
+    assert f"TLS client certificate {cert} (key in it) could not be loaded" in str(error.value)
+    assert "k3y-pa55" not in str(error.value)
+    with pytest.raises(ConfigError):
+        AmqpBroker(["amqps://u:p@rabbit:5671/"], Topology(), tls=TlsFiles(cert_file=cert))
+
+
+def test_tls_failures_are_recognised_however_pika_wraps_them() -> None:
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message = "unable to get local issuer certificate"
+    wrapped = AMQPConnectionWorkflowFailed([AMQPConnectorTransportSetupError(verify)])
+    assert _tls_problem(wrapped) == (
+        "the broker's certificate was not accepted: unable to get local issuer certificate"
+    )
+    # An alert after the handshake (TLS 1.3: no client certificate) reaches us as text only.
+    alert = pika.exceptions.IncompatibleProtocolError(
+        "StreamLostError: (\"Stream connection lost: SSLError(1, '[SSL: "
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required (_ssl.c:2580)')\",)"
+    )
+    assert _tls_problem(alert) == "the TLS handshake failed: tlsv13 alert certificate required"
+    assert _tls_problem(pika.exceptions.AMQPConnectionError("connection refused")) is None
