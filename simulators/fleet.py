@@ -254,11 +254,16 @@ def generate_fleet(
     seed: int = 0,
     guard_safe: bool = True,
     big_customer_users: int | None = None,
+    large_share: float = 0.0,
+    large_users: tuple[int, int] = (5_000, 15_000),
 ) -> Scenario:
     """A fleet of `customers`, the same for the same arguments, with `expected` filled in.
 
     Users per customer follow a lognormal around `median_users`, capped at `max_users`; with
-    `big_customer_users` the first customer has exactly that many instead. A share `drift` of the
+    `big_customer_users` the first customer has exactly that many instead. With `large_share`,
+    that share of the customers (drawn at random) has instead between `large_users[0]` and
+    `large_users[1]` users (uniformly, above `max_users` if need be): the few very large
+    accounts of a real fleet, which a lognormal around 20 almost never draws. A share `drift` of the
     users differs between the two sides: new employees (or failed ones) to provision, leavers and
     employees moved to Clients to deprovision. The rest is in sync, without the service, disabled
     in SM, or in flight; ~2% extra ShareFile employees have no SM user (some disabled), and ~2% of
@@ -276,6 +281,8 @@ def generate_fleet(
         raise ValueError("drift must be within [0, 1)")
     if median_users < 1 or max_users < 1:
         raise ValueError("median_users and max_users must be positive")
+    if not 0.0 <= large_share <= 1.0 or not 1 <= large_users[0] <= large_users[1]:
+        raise ValueError("large_share must be within [0, 1] and large_users a (low, high) range")
     rng = random.Random(seed)
     built: list[ScenarioCustomer] = []
     expected: dict[str, dict[str, str]] = {}
@@ -287,6 +294,9 @@ def generate_fleet(
         for number in range(customers):
             if number == 0 and big_customer_users is not None:
                 users = big_customer_users
+            # Drawn only when asked for, so that fleets without large customers stay the same.
+            elif large_share and rng.random() < large_share:
+                users = rng.randint(*large_users)
             else:
                 users = _customer_size(rng, median_users, max_users)
             enabled = number == 0 or rng.random() >= _SHAREFILE_DISABLED_SHARE

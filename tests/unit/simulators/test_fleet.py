@@ -181,3 +181,20 @@ def test_one_big_customer_of_a_quarter_million_users() -> None:
     assert time.perf_counter() - started < 10
     assert len(fleet.customers[0].sm_users) == 250_000
     assert fleet.expected is not None and len(fleet.expected["cust-00000"]) == 250_000
+
+
+def test_large_share_adds_a_few_customers_of_thousands_of_users() -> None:
+    plain = generate_fleet(2000, seed=1)
+    fleet = generate_fleet(2000, seed=1, large_share=0.002, large_users=(5000, 6000))
+    sizes = [len(customer.sm_users) for customer in fleet.customers]
+    large = [size for size in sizes if size >= 5000]
+    assert 1 <= len(large) <= 12
+    assert all(size <= 6000 for size in large)
+    assert 16 <= statistics.median(sizes) <= 25
+    assert max(len(customer.sm_users) for customer in plain.customers) < 5000
+    assert fleet.expected is not None
+    assert set(fleet.expected) == {customer.id for customer in fleet.customers}
+
+
+def test_no_large_share_leaves_the_fleet_as_it_was() -> None:
+    assert generate_fleet(30, seed=4, large_share=0.0) == generate_fleet(30, seed=4)
