@@ -67,5 +67,7 @@ def test_a_worker_killed_three_times_mid_cycle_loses_and_doubles_nothing(
         -9
     ] * KILLS
     assert_exact_end_state(sims, fleet)
-    # Every request was answered, and no bulk request reached SM twice except as a replay.
-    assert set(result.answers) == {r for rep in result.reports.values() for r in rep.request_ids}
+    # Every request of every (latest) report was answered. Not equality: a command redelivered
+    # after its requests were applied is planned again against SM's new state, and the tracker
+    # keeps that later report, whose requests may be fewer (or none) than those answered.
+    assert {r for rep in result.reports.values() for r in rep.request_ids} <= set(result.answers)
