@@ -38,14 +38,17 @@ pytestmark = [
 
 CUSTOMERS = 400
 # Share of the run reported when RabbitMQ closes every connection of the test.
-CLOSE_AT = (0.25, 0.6)
+CLOSE_AT = (0.2, 0.5)
+# ShareFile's latency paces the cycle (about 16 s): after a close, the management API needs a few
+# seconds to list the new connections, and the run must still be going when the next close comes.
+SHAREFILE_LATENCY_MS = 250
 
 
 def test_every_connection_closed_twice_mid_cycle_the_roles_reconnect_and_nothing_is_lost(
     start_sims, tmp_path, amqp_url, topology, amqp_env, processes, closer
 ) -> None:
     fleet = generate_fleet(CUSTOMERS, median_users=8, max_users=100, drift=0.05, seed=31)
-    sims = start_sims(fleet, sharefile_faults=Faults(latency_ms=60))
+    sims = start_sims(fleet, sharefile_faults=Faults(latency_ms=SHAREFILE_LATENCY_MS))
     processes.env.update(settings_env(sims, tmp_path, SFSYNC_CONCURRENCY="6", **amqp_env))
     workers = [processes.start("worker"), processes.start("worker")]
     submitter = processes.start("submitter")
