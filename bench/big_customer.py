@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from measure import peak_rss_mb
+from common import peak_rss_mb
 
 SIM_CREDENTIALS = {
     "client_id": "sfsync-sim",

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pika
+from common import delete_topology
 
 from adapters.amqp import AmqpBroker
 from adapters.broker import Outgoing
@@ -57,16 +58,6 @@ def fresh_topology() -> Topology:
     return Topology(prefix=f"sfsync-bench-{uuid.uuid4().hex[:6]}")
 
 
-def delete(amqp_url: str, topology: Topology) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        for spec in topology.queues():
-            connection.channel().queue_delete(spec.name)
-        connection.channel().exchange_delete(topology.exchange)
-    finally:
-        connection.close()
-
-
 def bodies(n: int) -> list[bytes]:
     stamp = default_stamper()
     return [
@@ -91,7 +82,7 @@ def scheduler_publish(amqp_url: str, n: int) -> float:
         return n / (time.perf_counter() - started)
     finally:
         broker.close()
-        delete(amqp_url, topology)
+        delete_topology(amqp_url, topology)
 
 
 def bare_publish(amqp_url: str, payloads: list[bytes]) -> float:
@@ -110,7 +101,7 @@ def bare_publish(amqp_url: str, payloads: list[bytes]) -> float:
         return len(payloads) / (time.perf_counter() - started)
     finally:
         connection.close()
-        delete(amqp_url, topology)
+        delete_topology(amqp_url, topology)
 
 
 def fill(amqp_url: str, topology: Topology, payloads: list[bytes]) -> None:
@@ -144,7 +135,7 @@ def runner_consume(amqp_url: str, payloads: list[bytes], concurrency: int) -> fl
     finally:
         consumer.stop()
         broker.close()
-        delete(amqp_url, topology)
+        delete_topology(amqp_url, topology)
 
 
 def bare_consume(amqp_url: str, payloads: list[bytes], prefetch: int) -> float:
@@ -170,7 +161,7 @@ def bare_consume(amqp_url: str, payloads: list[bytes], prefetch: int) -> float:
         return len(payloads) / (time.perf_counter() - started)
     finally:
         connection.close()
-        delete(amqp_url, topology)
+        delete_topology(amqp_url, topology)
 
 
 def main() -> int:

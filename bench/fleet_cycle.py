@@ -57,6 +57,7 @@ from typing import Any
 import httpx
 import pika
 import psutil  # type: ignore[import-untyped]
+from common import delete_topology
 
 import sfsync.audit  # noqa: F401 - imported here, not inside the first timed sync_once
 from adapters.http import new_http_client
@@ -210,16 +211,6 @@ def profiled(directory: Path | None, label: str, pids: dict[str, int]) -> Iterat
 # -- the measurements --------------------------------------------------------------------------
 
 
-def delete_prefix(amqp_url: str, topology: Topology) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        for spec in topology.queues():
-            connection.channel().queue_delete(spec.name)
-        connection.channel().exchange_delete(topology.exchange)
-    finally:
-        connection.close()
-
-
 def wait_consumers(amqp_url: str, queue: str, count: int) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -294,7 +285,7 @@ def cycle(
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 proc.wait(60)
-            delete_prefix(args.amqp_url, Topology(prefix=prefix))
+            delete_topology(args.amqp_url, Topology(prefix=prefix))
         exact = (
             sim.state() == scenario.expected and not result.failed and not result.failed_requests
         )

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from measure import peak_rss_mb
+from common import peak_rss_mb
 
 from domain import Policy, SafetyGuard, reconcile
 from domain.records import SHAREFILE_USER, SM_USER, SharefileUser, SmUser
