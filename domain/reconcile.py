@@ -50,7 +50,7 @@ def reconcile(
     sf_index, sf_duplicates, employees, unmatchable = _index_sharefile(sharefile_users, skipped)
 
     # Services Manager, streamed. Every keyed user not on a conflicted key has exactly one
-    # outcome: counted in sync, or one entry (with its key) in one of the lists below.
+    # outcome: one entry (with its key) in one of the lists below, or none, which is "in sync".
     sm_first: dict[str, str] = {}  # match key -> id of the first SM user on it
     sm_duplicates: dict[str, list[str]] = {}  # match key -> ids of every SM user on it
     acted: set[str] = set()  # keys whose first user got a list entry (not "in sync")
@@ -58,7 +58,6 @@ def reconcile(
     deprovision: list[PlanItem] = []
     pending: list[tuple[str, Pending]] = []
     skipped_keyed: list[tuple[str, Skipped]] = []
-    in_sync = 0
     sm_count = 0
     provisioned_before = 0
     keep_disabled = policy.disabled_employees is DisabledEmployees.KEEP
@@ -82,14 +81,8 @@ def reconcile(
         if sf is not None and sf.email == key:
             key = sf.email  # the same text: keep ShareFile's string object, not a second copy
         if key in sm_first:
-            # A second user on this key: a conflict. Take back the first user's outcome.
-            ids = sm_duplicates.get(key)
-            if ids is None:
-                sm_duplicates[key] = [sm_first[key], sm.id]
-                if key not in sf_duplicates and key not in acted:
-                    in_sync -= 1
-            else:
-                ids.append(sm.id)
+            # A second user on this key: a conflict. The first user's outcome is dropped below.
+            sm_duplicates.setdefault(key, [sm_first[key]]).append(sm.id)
             continue
         sm_first[key] = sm.id
         if key in sf_duplicates:
@@ -104,7 +97,6 @@ def reconcile(
         entitled = sf is not None and sf.is_employee and (keep_disabled or not sf.is_disabled)
         if state is provisioned:
             if entitled:
-                in_sync += 1
                 continue
             deprovision.append(_item(Action.DEPROVISION, sm, key, sf, _removal_rule(sf)))
         elif entitled:
@@ -133,11 +125,12 @@ def reconcile(
             )
             skipped_keyed.append((key, skip))
         else:
-            in_sync += 1
             continue
         acted.add(key)
 
     conflicted = sm_duplicates.keys() | sf_duplicates.keys()
+    # In sync: the first users on unconflicted keys that got no list entry.
+    in_sync = len(sm_first) - sum(key in sm_first for key in conflicted) - len(acted - conflicted)
     conflicts = [
         Conflict(
             match_key=key,
