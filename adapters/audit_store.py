@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from domain.audit import (
     AnswerRecord,
@@ -296,14 +298,34 @@ def _serialise_sqlite_writers(engine: Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
-        # WAL: `sfsync why` reads while the audit role writes.
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
+        try:
+            _use_wal(cursor)
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _use_wal(cursor: sqlite3.Cursor) -> None:
+    """WAL, so that `sfsync why` reads while the audit role writes. The mode is stored in the
+    file, but switching it needs the database to itself, and SQLite answers "database is locked"
+    at once there instead of waiting the busy timeout: processes opening a new database together
+    (several audit roles starting) retry within that same timeout."""
+    for attempt in Retrying(
+        retry=retry_if_exception(_sqlite_locked),
+        wait=wait_random_exponential(multiplier=0.01, max=0.25),
+        stop=stop_after_delay(SQLITE_BUSY_TIMEOUT_S),
+        reraise=True,
+    ):
+        with attempt:
+            cursor.execute("PRAGMA journal_mode=WAL")
+
+
+def _sqlite_locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
 
 
 class AuditStore:

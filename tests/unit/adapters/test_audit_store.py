@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -213,6 +215,29 @@ def test_processes_migrating_at_once_apply_each_step_once(database_url: str) -> 
     assert sorted(results) == [[], [], [], [1]]
     for store in stores:
         store.close()
+
+
+def test_opening_a_new_sqlite_database_while_another_process_writes_to_it_waits(
+    tmp_path: Path,
+) -> None:
+    # Switching to WAL needs the file to itself, and SQLite answers "locked" at once there rather
+    # than waiting its busy timeout: several roles opening one new database together failed.
+    path = tmp_path / "audit.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (x INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    released = threading.Timer(0.3, writer.execute, args=("COMMIT",))
+    released.start()
+    try:
+        store = AuditStore.open(f"sqlite:///{path}")
+    finally:
+        released.join()
+        writer.close()
+    assert store.version() == latest_version(MIGRATIONS)
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store.close()
 
 
 # -- idempotent storage --------------------------------------------------------------------------
