@@ -25,6 +25,7 @@ from domain.messages import (
     SyncCommand,
     SyncRequested,
     envelope,
+    envelope_model,
     report_payload,
     request_id_for,
 )
@@ -64,7 +65,7 @@ def asyncapi_document(topology: Topology | None = None) -> dict[str, Any]:
         key: topology.provisioning_queue for key in PROVISIONING_KEYS
     }
     envelopes: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (_envelope_model(cls), "validation") for cls in PAYLOAD_TYPES.values()
+        (envelope_model(cls), "validation") for cls in PAYLOAD_TYPES.values()
     ]
     refs, top = models_json_schema(envelopes, ref_template=COMPONENT_REF)
     schemas: dict[str, Any] = top.get("$defs", {})
@@ -172,7 +173,7 @@ def _channel(
 
 def message_json_schema(message_type: str) -> dict[str, Any]:
     """The standalone JSON Schema of one message type (envelope and payload)."""
-    schema = _envelope_model(PAYLOAD_TYPES[message_type]).model_json_schema()
+    schema = envelope_model(PAYLOAD_TYPES[message_type]).model_json_schema()
     _pin(schema, message_type)
     return {"$schema": JSON_SCHEMA_DIALECT, "$id": f"{message_type}.json", **schema}
 
@@ -182,10 +183,6 @@ def _pin(schema: dict[str, Any], message_type: str) -> None:
     properties = schema["properties"]
     properties["type"]["const"] = message_type
     properties["schema_version"]["const"] = SCHEMA_VERSION
-
-
-def _envelope_model(cls: type[Payload]) -> type[Envelope[Any]]:
-    return Envelope[cls]  # type: ignore[valid-type]
 
 
 def _type_of(model: type[BaseModel]) -> str:
