@@ -185,6 +185,36 @@ def _as_httpx_error(exc: BaseException, request: httpx.Request) -> httpx.Transpo
     return kind(text, request=request)
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie store that stores nothing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class ApiClient(httpx.Client):
+    """An httpx.Client for the two token-authenticated JSON APIs: it keeps no cookies.
+
+    Both APIs authenticate every request with a bearer token and answer with no session, so a
+    Set-Cookie from one answer is neither stored nor sent with the next request (one client serves
+    every customer of a process). It also saves CPU: httpx parses every answer's cookies through
+    urllib's compatibility objects, about 45 us per request, 11 % of a request's client CPU.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._answer_cookies_ignored = _NoCookies()
+
+    @property  # type: ignore[override]
+    def cookies(self) -> httpx.Cookies:
+        return self._answer_cookies_ignored
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        if cookies:
+            raise ValueError("this client keeps no cookies")
+
+
 def new_http_client(
     *,
     timeout_s: float = 10.0,
@@ -192,13 +222,13 @@ def new_http_client(
     max_connections: int = 100,
     transport: httpx.BaseTransport | None = None,
 ) -> httpx.Client:
-    """One pooled client per process, with explicit timeouts and no redirects.
+    """One pooled client per process, with explicit timeouts, no redirects and no cookies.
 
     Redirects are refused because a bearer token must never follow a Location header to
     another host; neither API redirects in its contract. Requests go through a
     `PooledTransport` unless `transport` is given (tests pass httpx.MockTransport).
     """
-    return httpx.Client(
+    return ApiClient(
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
         limits=httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections

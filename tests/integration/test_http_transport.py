@@ -79,6 +79,18 @@ def test_requests_carry_method_path_query_headers_and_body(echo_url: str) -> Non
     assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
 
 
+def test_cookies_an_answer_sets_are_not_kept_or_sent_back(echo_url: str) -> None:
+    # One client serves every customer with bearer tokens: no session state crosses requests.
+    with new_http_client() as http:
+        first = http.get(f"{echo_url}/one")
+        second = http.get(f"{echo_url}/two").json()
+        assert first.headers.get_list("set-cookie") == ["a=1", "b=2"]
+        assert "cookie" not in second["headers"]
+        assert len(http.cookies) == 0
+        with pytest.raises(ValueError, match="keeps no cookies"):
+            http.cookies = {"a": "1"}
+
+
 def test_connections_are_reused_and_content_encoding_is_decoded(echo_url: str) -> None:
     with new_http_client() as http:
         ports = {http.get(f"{echo_url}/gzip").json()["peer_port"] for _ in range(5)}
