@@ -512,6 +512,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.profile:
+        if not Path(sys.executable).with_name("py-spy").exists():
+            parser.error("--profile needs py-spy: pip install -e '.[bench]'")
         print("profiling: the cycle timings of this run are slowed down", file=sys.stderr)
 
     results = [measure_fleet(args, customers) for customers in args.customers]
