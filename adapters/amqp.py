@@ -38,6 +38,8 @@ log = logging.getLogger("sfsync.broker.amqp")
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 15.0
 PUBLISH_TIMEOUT_S = 60.0
+# How often the I/O thread looks for publishes whose confirms are overdue.
+CONFIRM_SWEEP_S = 1.0
 # One node that does not answer (a host that is down drops packets; nothing refuses them) must not
 # hold up the others for long: a TCP connect, and the whole AMQP (and TLS) handshake, time out.
 CONNECT_TIMEOUT_S = 5.0
@@ -231,25 +233,34 @@ class AmqpBroker:
             raise TransientError(f"no RabbitMQ answered within {timeout_s:.0f}s at {targets}")
 
     def publish(self, messages: Sequence[Outgoing], timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
-        if not messages:
-            return
-        if not self._ready.wait(timeout_s):
-            raise TransientError("broker not connected", call="publish")
-        batch = _Batch(len(messages))
+        try:
+            self.publish_async(messages, timeout_s).result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TransientError(f"no confirm within {timeout_s:.0f}s", call="publish") from None
+
+    def publish_async(
+        self, messages: Sequence[Outgoing], timeout_s: float = PUBLISH_TIMEOUT_S
+    ) -> Future[None]:
+        """Waits only while no connection is ready (at most `timeout_s`, and never on the I/O
+        thread, where a publish follows a confirm); the confirms are awaited on the I/O thread,
+        which fails the future after `timeout_s` without them."""
+        on_io_thread = threading.current_thread() is self._thread
+        if not messages or not self._ready.wait(0 if on_io_thread else timeout_s):
+            done: Future[None] = Future()
+            _settle(
+                done, TransientError("broker not connected", call="publish") if messages else None
+            )
+            return done
+        batch = _Batch(len(messages), timeout_s)
         with self._lock:
             self._unsettled.add(batch.done)
+        batch.done.add_done_callback(self._forget)
         lost = TransientError("broker not connected", call="publish")
         self._on_io_thread(
             lambda: self._publish_now(messages, batch),
             fallback=lambda: _settle(batch.done, lost),
         )
-        try:
-            batch.done.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise TransientError(f"no confirm within {timeout_s:.0f}s", call="publish") from None
-        finally:
-            with self._lock:
-                self._unsettled.discard(batch.done)
+        return batch.done
 
     def consume(
         self, queue: QueueSpec, on_delivery: Callable[[Delivery], None], prefetch: int
@@ -343,6 +354,10 @@ class AmqpBroker:
             # there, and the broker requeues unacked deliveries.
             self._run_fallbacks([token])
 
+    def _forget(self, done: Future[None]) -> None:
+        with self._lock:
+            self._unsettled.discard(done)
+
     def _run_fallbacks(self, tokens: Sequence[object] | None = None) -> None:
         """Run (once) the fallbacks of the given hand-offs, or of every one still pending."""
         with self._lock:
@@ -352,6 +367,9 @@ class AmqpBroker:
             fallback()
 
     def _settle_later(self, settle: Callable[[], None]) -> None:
+        if threading.current_thread() is self._thread:
+            settle()  # already on the I/O thread (an ack from a confirm callback)
+            return
         with self._lock:
             self._settles.append(settle)
             if self._settle_scheduled:
@@ -448,6 +466,7 @@ class AmqpBroker:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare_all())
+        self._expire_unconfirmed(channel)
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         # A closed channel is a protocol error (e.g. a queue declared with other arguments).
@@ -623,6 +642,22 @@ class AmqpBroker:
                 break
             pending.popitem(last=False)[1].settle_one(error)
 
+    def _expire_unconfirmed(self, channel: Channel) -> None:
+        """Fail the publishes whose confirms are overdue; again every CONFIRM_SWEEP_S while
+        `channel` is the current one. `_pending` is in publish order: the oldest come first."""
+        connection = self._connection
+        if not channel.is_open or channel is not self._channel or connection is None:
+            return
+        now = time.monotonic()
+        pending = self._pending
+        while pending:
+            batch = next(iter(pending.values()))
+            if batch.deadline > now:
+                break
+            pending.popitem(last=False)
+            batch.expire()
+        connection.ioloop.call_later(CONFIRM_SWEEP_S, lambda: self._expire_unconfirmed(channel))
+
     def _fail_pending(self, error: TransientError) -> None:
         self._pending = OrderedDict()
         with self._lock:
@@ -638,18 +673,21 @@ class AmqpBroker:
 
 
 class _Batch:
-    """The confirms one publish() call waits for: one Future, settled by the last of them.
+    """The confirms one publish call waits for: one Future, settled by the last of them, or
+    failed once `deadline` has passed without them (see `_expire_unconfirmed`).
 
     One Future per batch, not per message: a Future builds a Condition and a lock, which cost the
     scheduler a sixth of its time when it was one per message. Touched on the I/O thread only.
     """
 
-    __slots__ = ("done", "error", "remaining")
+    __slots__ = ("deadline", "done", "error", "remaining", "timeout_s")
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
         self.done: Future[None] = Future()
         self.remaining = count
         self.error: BaseException | None = None
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
 
     def settle_one(self, error: BaseException | None) -> None:
         """One message confirmed (error None) or failed; the first failure fails the batch."""
@@ -658,6 +696,10 @@ class _Batch:
         self.remaining -= 1
         if self.remaining == 0:
             _settle(self.done, self.error)
+
+    def expire(self) -> None:
+        error = TransientError(f"no confirm within {self.timeout_s:.0f}s", call="publish")
+        _settle(self.done, self.error or error)
 
 
 def _fail_all(futures: Sequence[Future[None]], error: BaseException) -> None:

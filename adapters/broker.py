@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,6 +66,12 @@ class Broker(Protocol):
         """Return once the broker has confirmed every message; TransientError otherwise."""
         ...
 
+    def publish_async(self, messages: Sequence[Outgoing]) -> Future[None]:
+        """Hand the messages over without waiting for their confirms. The future completes when
+        the broker has confirmed every one, or fails (TransientError, PermanentError) when one
+        was refused, could not be sent or was not confirmed in time: it always completes."""
+        ...
+
     def consume(
         self, queue: QueueSpec, on_delivery: Callable[[Delivery], None], prefetch: int
     ) -> None:
@@ -77,3 +84,17 @@ class Broker(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def published_now(
+    publish: Callable[[Sequence[Outgoing]], None], messages: Sequence[Outgoing]
+) -> Future[None]:
+    """`publish_async` for a broker whose `publish` is confirmed as soon as it returns."""
+    confirmed: Future[None] = Future()
+    try:
+        publish(messages)
+    except Exception as exc:  # noqa: BLE001 - every failure is the future's, as with a real broker
+        confirmed.set_exception(exc)
+    else:
+        confirmed.set_result(None)
+    return confirmed

@@ -10,10 +10,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from adapters.broker import Delivery, Outgoing
+from adapters.broker import Delivery, Outgoing, published_now
 from adapters.topology import QueueSpec, Topology
 
 log = logging.getLogger("sfsync.broker.memory")
@@ -126,6 +127,9 @@ class MemoryBroker:
                 for name in targets:
                     self._enqueue(name, _copy(message))
             self._lock.notify_all()
+
+    def publish_async(self, messages: Sequence[Outgoing]) -> Future[None]:
+        return published_now(self.publish, messages)
 
     def consume(
         self, queue: QueueSpec, on_delivery: Callable[[Delivery], None], prefetch: int

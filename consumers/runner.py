@@ -1,11 +1,15 @@
 """The one shared runner: decode → handler → publish outputs → ack, and every failure's fate.
 
 Outcomes map to acknowledgements here and nowhere else (as FastStream's Ack/Nack/Reject):
-success → publish the handler's outputs, wait for their confirms, ack; an invalid message or a
+success → publish the handler's outputs, ack once they are confirmed; an invalid message or a
 PermanentError → publish the handler's give-up outputs, park the message with the reason, ack;
 a TransientError → delayed retry through the queue's retry queue, or give up after
 `max_attempts`; a broker failure while publishing → requeue (the outputs may be published again,
-which the handlers' deterministic ids make harmless).
+which the handlers' deterministic ids make harmless; a work queue's delivery limit parks a message
+that fails every time).
+
+Confirms are awaited on the broker's thread, not the handler's: a handler thread is free for the
+next delivery once it has handed over the outputs, and `process` returns a future of the outcome.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from typing import Any, Protocol
 
 from adapters import metrics
@@ -37,6 +42,8 @@ log = logging.getLogger("sfsync.runner")
 
 # Parking headers are read by people; keep them readable and bounded.
 MAX_REASON_CHARS = 500
+# How long stop() waits for the confirms of messages already handled (the broker's own limit).
+STOP_TIMEOUT_S = 60.0
 
 
 class Handler(Protocol):
@@ -67,15 +74,22 @@ class MessageRunner:
         self.counts: Counter[Outcome] = Counter()
         self._counts_lock = threading.Lock()
 
-    def process(self, delivery: Delivery) -> Outcome:
+    def process(self, delivery: Delivery) -> Future[Outcome]:
+        """Handle one delivery and publish what it gives. Returns at once after that: the
+        future completes with the outcome once the broker has confirmed those messages and the
+        delivery is acked (or requeued), so the calling thread can take the next one meanwhile."""
         started = time.perf_counter()
         outcome = self._process(delivery)
-        metrics.message_outcome(delivery.type, outcome.value, time.perf_counter() - started)
-        with self._counts_lock:
-            self.counts[outcome] += 1
+        outcome.add_done_callback(partial(self._count, delivery.type, started))
         return outcome
 
-    def _process(self, delivery: Delivery) -> Outcome:
+    def _count(self, kind: str | None, started: float, done: Future[Outcome]) -> None:
+        outcome = done.result()
+        metrics.message_outcome(kind, outcome.value, time.perf_counter() - started)
+        with self._counts_lock:
+            self.counts[outcome] += 1
+
+    def _process(self, delivery: Delivery) -> Future[Outcome]:
         try:
             message = decode(delivery.body)
         except PermanentError as exc:
@@ -116,27 +130,27 @@ class MessageRunner:
 
     def _give_up(
         self, delivery: Delivery, message: Envelope[Any], error: SfsyncError, why: str
-    ) -> Outcome:
+    ) -> Future[Outcome]:
         try:
             reports = [Outgoing.of(m) for m in self.handler.on_give_up(message, error)]
         except Exception:
             log.exception("on_give_up failed for %s; parking without a report", message.type)
             reports = []
-        try:
-            self.broker.publish(reports)
-        except TransientError as exc:
-            log.warning("could not publish the failure report (%s); requeueing", exc)
-            delivery.requeue()
-            return Outcome.REQUEUED
-        return self._park(delivery, f"{why}: {error}")
+        # The report first: a message is parked only once its failure has been reported.
+        return self._after_confirms(
+            delivery,
+            reports,
+            confirmed=lambda: self._park(delivery, f"{why}: {error}"),
+            failed_what="the failure report",
+        )
 
-    def _retry(self, delivery: Delivery, attempt: int, reason: str) -> Outcome:
+    def _retry(self, delivery: Delivery, attempt: int, reason: str) -> Future[Outcome]:
         retry = self._copy(
             delivery, self.topology.retry_queue(delivery.queue), attempt=attempt, reason=reason
         )
         return self._finish(delivery, [retry], success=Outcome.RETRIED)
 
-    def _park(self, delivery: Delivery, reason: str) -> Outcome:
+    def _park(self, delivery: Delivery, reason: str) -> Future[Outcome]:
         # The attempt header of a parked message counts every failed handling, this one too.
         parked = self._copy(
             delivery,
@@ -148,15 +162,43 @@ class MessageRunner:
 
     def _finish(
         self, delivery: Delivery, outputs: list[Outgoing], success: Outcome = Outcome.ACKED
-    ) -> Outcome:
-        try:
-            self.broker.publish(outputs)
-        except TransientError as exc:
-            log.warning("publishing failed (%s); the message goes back to its queue", exc)
+    ) -> Future[Outcome]:
+        def ack() -> Future[Outcome]:
+            delivery.ack()
+            return _done(success)
+
+        return self._after_confirms(delivery, outputs, confirmed=ack, failed_what="its outputs")
+
+    def _after_confirms(
+        self,
+        delivery: Delivery,
+        outputs: list[Outgoing],
+        confirmed: Callable[[], Future[Outcome]],
+        failed_what: str,
+    ) -> Future[Outcome]:
+        """Publish `outputs`; once confirmed, go on with `confirmed`. If they cannot be
+        published the delivery goes back to its queue, to be handled again (the outputs may
+        then be published twice, which the handlers' deterministic ids make harmless)."""
+        outcome: Future[Outcome] = Future()
+
+        def then(published: Future[None]) -> None:
+            # On the broker's I/O thread (or here, if already settled): nothing here may block.
+            error = published.exception()
+            if error is None:
+                try:
+                    _pass_on(confirmed(), outcome)
+                    return
+                except Exception as exc:  # a bug in the runner must not strand the delivery
+                    log.exception("finishing %s failed", delivery.queue)
+                    error = exc
+            log.warning(
+                "publishing %s failed (%s); the message goes back to its queue", failed_what, error
+            )
             delivery.requeue()
-            return Outcome.REQUEUED
-        delivery.ack()
-        return success
+            outcome.set_result(Outcome.REQUEUED)
+
+        self.broker.publish_async(outputs).add_done_callback(then)
+        return outcome
 
     @staticmethod
     def _copy(delivery: Delivery, queue: str, *, attempt: int, reason: str) -> Outgoing:
@@ -183,29 +225,59 @@ class MessageRunner:
         )
 
 
+def _done(outcome: Outcome) -> Future[Outcome]:
+    done: Future[Outcome] = Future()
+    done.set_result(outcome)
+    return done
+
+
+def _pass_on(source: Future[Outcome], target: Future[Outcome]) -> None:
+    source.add_done_callback(lambda done: target.set_result(done.result()))
+
+
 class QueueConsumer:
-    """Consumes one queue with `concurrency` worker threads (prefetch = concurrency).
+    """Consumes one queue with `concurrency` handler threads.
 
     Deliveries arrive on the broker's thread and are handed to the pool at once, so the broker's
-    I/O (and its heartbeats) never waits on a handler.
+    I/O (and its heartbeats) never waits on a handler. A thread is free for the next delivery as
+    soon as it has published a delivery's outputs: their confirms (and the ack) come later, on
+    the broker's thread. The prefetch is therefore `concurrency` plus a `headroom` of deliveries
+    that wait for their confirms, so that the threads still find work meanwhile.
     """
 
-    def __init__(self, broker: Broker, queue: QueueSpec, runner: MessageRunner, concurrency: int):
+    def __init__(
+        self,
+        broker: Broker,
+        queue: QueueSpec,
+        runner: MessageRunner,
+        concurrency: int,
+        headroom: int | None = None,
+    ):
         self.broker = broker
         self.queue = queue
         self.runner = runner
         self.concurrency = max(1, concurrency)
+        self.prefetch = self.concurrency + (
+            default_headroom(self.concurrency) if headroom is None else max(0, headroom)
+        )
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=queue.name)
         self._in_flight = 0
         self._idle = threading.Condition()
 
     def start(self) -> None:
-        self.broker.consume(self.queue, self._on_delivery, prefetch=self.concurrency)
+        self.broker.consume(self.queue, self._on_delivery, prefetch=self.prefetch)
 
-    def stop(self) -> None:
-        """Stop taking messages, let in-flight ones finish (publish + ack), then return."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop taking messages, let the ones taken finish (publish, confirms, ack), then
+        return; after `timeout_s` without their confirms, leave them to the broker."""
         self.broker.cancel(self.queue.name)
         self._pool.shutdown(wait=True)
+        if not self.wait_idle(timeout_s):
+            log.warning(
+                "stopping with %d messages from %s unconfirmed; RabbitMQ redelivers them",
+                self._in_flight,
+                self.queue.name,
+            )
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._idle:
@@ -223,11 +295,18 @@ class QueueConsumer:
 
     def _run(self, delivery: Delivery) -> None:
         try:
-            self.runner.process(delivery)
-        finally:
+            outcome = self.runner.process(delivery)
+        except BaseException:
             self._done()
+            raise
+        outcome.add_done_callback(self._done)
 
-    def _done(self) -> None:
+    def _done(self, _outcome: Future[Outcome] | None = None) -> None:
         with self._idle:
             self._in_flight -= 1
             self._idle.notify_all()
+
+
+def default_headroom(concurrency: int) -> int:
+    """Deliveries beyond the thread count that may wait for their confirms: a quarter more."""
+    return max(1, concurrency // 4)

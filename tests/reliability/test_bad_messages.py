@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from adapters.amqp import AmqpBroker
-from adapters.broker import Outgoing
+from adapters.broker import Outgoing, published_now
 from adapters.topology import (
     FROM_QUEUE_HEADER,
     REASON_HEADER,
@@ -394,6 +395,9 @@ class RecordingBroker:
     def publish(self, messages: Sequence[Outgoing]) -> None:
         self.published.extend(messages)
 
+    def publish_async(self, messages: Sequence[Outgoing]) -> Future[None]:
+        return published_now(self.publish, messages)
+
     def consume(self, queue: QueueSpec, on_delivery: Callable[..., None], prefetch: int) -> None:
         raise NotImplementedError
 
@@ -434,7 +438,7 @@ def queue_for(key: str) -> str:
 def assert_parked_as_invalid(queue: str, body: bytes) -> None:
     unit = rig(queue)
     delivery = RecordedDelivery(body=body, queue=queue, routing_key="k")
-    outcome = unit.runner.process(delivery)
+    outcome = unit.runner.process(delivery).result(timeout=5)
     assert outcome is Outcome.PARKED
     assert delivery.settled == ["ack"]
     [parked] = unit.broker.published
@@ -519,7 +523,7 @@ def test_arbitrary_json_is_parked_as_invalid_or_handled_and_never_raises(
         return
     # A body that happens to be a valid message is handled (or parked) like any other.
     delivery = RecordedDelivery(body=body, queue=queue, routing_key="k")
-    assert rig(queue).runner.process(delivery) in (
+    assert rig(queue).runner.process(delivery).result(timeout=5) in (
         Outcome.ACKED,
         Outcome.PARKED,
     )
@@ -538,7 +542,7 @@ def test_a_valid_message_on_a_queue_that_does_not_take_its_type_is_parked_withou
         queue = queue_for(key)
         unit = rig(queue)
         delivery = RecordedDelivery(body=body, queue=queue, routing_key=key)
-        assert unit.runner.process(delivery) is Outcome.PARKED
+        assert unit.runner.process(delivery).result(timeout=5) is Outcome.PARKED
         # Parked only: no report, no provisioning answer, nothing submitted.
         assert [p.routing_key for p in unit.broker.published] == [f"{queue}.dead"]
         assert unit.broker.published[0].headers[REASON_HEADER]

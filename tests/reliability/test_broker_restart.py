@@ -7,6 +7,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 import pytest
 
@@ -120,6 +121,9 @@ class ClosedMidBatch:
         publishing.join(60)
         assert len(closed) == 1 and self.failures, "the batch was confirmed despite the close"
         raise self.failures[-1]
+
+    def publish_async(self, messages: Sequence[Outgoing]) -> Future[None]:
+        return self.inner.publish_async(messages)
 
     def _publish_recording(self, messages: Sequence[Outgoing]) -> None:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -126,10 +127,15 @@ class LosesFirstAnswer:
         self.inner.start()
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
+        self.inner.publish(messages)
+
+    def publish_async(self, messages: Sequence[Outgoing]) -> Future[None]:
         if not self.lost and any(m.type == "provisioning.completed" for m in messages):
             self.lost.append(messages[0].correlation_id)
-            raise TransientError("connection to RabbitMQ lost", call="publish")
-        self.inner.publish(messages)
+            lost: Future[None] = Future()
+            lost.set_exception(TransientError("connection to RabbitMQ lost", call="publish"))
+            return lost
+        return self.inner.publish_async(messages)
 
     def consume(
         self, queue: QueueSpec, on_delivery: Callable[[Delivery], None], prefetch: int

@@ -24,7 +24,7 @@ pytestmark = [
 CUSTOMERS = 500
 KILLS = 3
 # A killed worker must have had work in hand: it has planned this many customers since it started
-# (and, with prefetch = concurrency, holds that many more unacknowledged).
+# (and, with a prefetch above its concurrency, holds more than that unacknowledged).
 PLANNED_BEFORE_KILL = 12
 
 

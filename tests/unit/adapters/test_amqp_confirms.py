@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
 from pika.spec import Basic
 
-from adapters.amqp import AmqpBroker, _Batch
+from adapters.amqp import CONFIRM_SWEEP_S, AmqpBroker, _Batch
 from adapters.topology import Topology
 from domain.errors import PermanentError, TransientError
 
@@ -73,3 +74,37 @@ def test_the_first_failure_of_a_batch_is_the_one_reported() -> None:
 
     with pytest.raises(PermanentError, match="could not be encoded"):
         batch.done.result(timeout=0)
+
+
+def test_publishes_without_a_confirm_by_their_deadline_fail_and_the_rest_wait() -> None:
+    overdue, fresh = _Batch(2, timeout_s=60), _Batch(1, timeout_s=60)
+    overdue.deadline = time.monotonic() - 1
+    broker = broker_with((overdue, 2), (fresh, 1))
+    channel = SimpleNamespace(is_open=True)
+    sweeps: list[float] = []
+    broker._channel = channel  # type: ignore[assignment]
+    broker._connection = SimpleNamespace(  # type: ignore[assignment]
+        ioloop=SimpleNamespace(call_later=lambda delay, _callback: sweeps.append(delay))
+    )
+
+    broker._expire_unconfirmed(channel)  # type: ignore[arg-type]
+
+    with pytest.raises(TransientError, match="no confirm within 60s"):
+        overdue.done.result(timeout=0)
+    assert not fresh.done.done() and list(broker._pending) == [3]
+    assert sweeps == [CONFIRM_SWEEP_S]  # and it looks again later
+    confirm(broker, Basic.Ack(delivery_tag=3, multiple=True))  # a late confirm is harmless
+    assert fresh.done.result(timeout=0) is None
+
+
+def test_the_sweep_ends_with_its_channel() -> None:
+    broker = broker_with()
+    sweeps: list[float] = []
+    broker._connection = SimpleNamespace(  # type: ignore[assignment]
+        ioloop=SimpleNamespace(call_later=lambda delay, _callback: sweeps.append(delay))
+    )
+    broker._channel = SimpleNamespace(is_open=True)  # type: ignore[assignment]
+
+    broker._expire_unconfirmed(SimpleNamespace(is_open=True))  # type: ignore[arg-type]
+
+    assert sweeps == []

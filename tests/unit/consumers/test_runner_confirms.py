@@ -1,0 +1,205 @@
+"""The runner acks a delivery only once what it published is confirmed, without holding a thread.
+
+A handler thread hands the outputs to the broker and goes on with the next delivery; the ack (or
+the requeue) follows the confirm. These tests hold the confirms back to see each step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import Retrying, stop_after_delay, wait_fixed
+
+from adapters.broker import Delivery, Outgoing
+from adapters.topology import QueueSpec, Topology
+from consumers.runner import MessageRunner, Outcome, QueueConsumer, default_headroom
+from domain.errors import PermanentError, TransientError
+from tests.unit.consumers.test_runner import ScriptedHandler, command
+
+TOPOLOGY = Topology(prefix="t")
+
+
+@dataclass
+class HeldDelivery:
+    body: bytes
+    queue: str = "t.sync"
+    routing_key: str = "sync.command"
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    message_id: str | None = "m1"
+    correlation_id: str | None = "r1"
+    type: str | None = "sync.command"
+    settled: list[str] = field(default_factory=list)
+
+    def ack(self) -> None:
+        self.settled.append("ack")
+
+    def requeue(self) -> None:
+        self.settled.append("requeue")
+
+
+class HeldConfirms:
+    """A broker whose confirms come only when the test releases them, in publish order."""
+
+    def __init__(self) -> None:
+        self.topology = TOPOLOGY
+        self.batches: list[tuple[list[Outgoing], Future[None]]] = []
+        self.prefetch: int | None = None
+        self.on_delivery: Callable[[Delivery], None] | None = None
+
+    def start(self) -> None: ...
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        raise AssertionError("the runner must not wait for confirms on its thread")
+
+    def publish_async(self, messages: Sequence[Outgoing]) -> Future[None]:
+        confirmed: Future[None] = Future()
+        self.batches.append((list(messages), confirmed))
+        return confirmed
+
+    def consume(
+        self, queue: QueueSpec, on_delivery: Callable[[Delivery], None], prefetch: int
+    ) -> None:
+        self.prefetch, self.on_delivery = prefetch, on_delivery
+
+    def cancel(self, queue: str) -> None: ...
+
+    def close(self) -> None: ...
+
+    def confirm(self, index: int, error: BaseException | None = None) -> None:
+        confirmed = self.batches[index][1]
+        if error is None:
+            confirmed.set_result(None)
+        else:
+            confirmed.set_exception(error)
+
+    def kinds(self, index: int) -> list[str]:
+        return [m.routing_key for m in self.batches[index][0]]
+
+
+def test_the_ack_waits_for_the_confirm_but_the_caller_does_not() -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
+    delivery = HeldDelivery(command())
+
+    outcome = runner.process(delivery)
+
+    assert broker.kinds(0) == ["sync.completed"]
+    assert not outcome.done() and delivery.settled == []
+    assert runner.counts == {}
+    broker.confirm(0)
+    assert outcome.result(timeout=0) is Outcome.ACKED
+    assert delivery.settled == ["ack"]
+    assert runner.counts == {Outcome.ACKED: 1}
+
+
+def test_outputs_refused_by_the_broker_send_the_delivery_back() -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
+    delivery = HeldDelivery(command())
+
+    outcome = runner.process(delivery)
+    broker.confirm(0, TransientError("RabbitMQ rejected a publish", call="publish"))
+
+    assert outcome.result(timeout=0) is Outcome.REQUEUED
+    assert delivery.settled == ["requeue"]
+
+
+def test_outputs_that_cannot_be_encoded_send_the_delivery_back_not_lost() -> None:
+    # Before, a PermanentError from publishing escaped the runner and left the delivery unsettled
+    # until the connection closed; now it is requeued (the queue's delivery limit parks it).
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
+    delivery = HeldDelivery(command())
+
+    outcome = runner.process(delivery)
+    broker.confirm(0, PermanentError("message could not be encoded: ValueError"))
+
+    assert outcome.result(timeout=0) is Outcome.REQUEUED
+    assert delivery.settled == ["requeue"]
+
+
+def test_a_message_is_parked_only_after_its_failure_report_is_confirmed() -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(PermanentError("gone")))
+    delivery = HeldDelivery(command())
+
+    outcome = runner.process(delivery)
+    assert [broker.kinds(i) for i in range(len(broker.batches))] == [["sync.failed"]]
+
+    broker.confirm(0)
+    assert broker.kinds(1) == ["t.sync.dead"]  # the parked copy, only now
+    assert not outcome.done() and delivery.settled == []
+    broker.confirm(1)
+    assert outcome.result(timeout=0) is Outcome.PARKED
+    assert delivery.settled == ["ack"]
+
+
+def test_an_unconfirmed_failure_report_requeues_without_parking() -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(PermanentError("gone")))
+    delivery = HeldDelivery(command())
+
+    outcome = runner.process(delivery)
+    broker.confirm(0, TransientError("connection to RabbitMQ lost", call="publish"))
+
+    assert outcome.result(timeout=0) is Outcome.REQUEUED
+    assert len(broker.batches) == 1 and delivery.settled == ["requeue"]
+
+
+def test_a_thread_takes_the_next_delivery_while_the_last_one_awaits_its_confirm() -> None:
+    broker = HeldConfirms()
+    handler = ScriptedHandler()
+    runner = MessageRunner(broker, TOPOLOGY, handler)
+    consumer = QueueConsumer(broker, TOPOLOGY.queues()[0], runner, concurrency=1, headroom=1)
+    consumer.start()
+    assert broker.prefetch == 2 and broker.on_delivery is not None
+    first, second = HeldDelivery(command("c1")), HeldDelivery(command("c2"))
+
+    broker.on_delivery(first)
+    broker.on_delivery(second)
+    # One thread handled both: the first's confirm is still held back.
+    _wait_for(lambda: len(broker.batches) == 2)
+    assert handler.calls == 2 and first.settled == [] and second.settled == []
+    assert not consumer.wait_idle(0)
+
+    stopped = threading.Thread(target=consumer.stop)
+    stopped.start()
+    stopped.join(0.2)
+    assert stopped.is_alive(), "stop() must wait for the confirms of what was handled"
+    broker.confirm(1)
+    broker.confirm(0)
+    stopped.join(5)
+    assert not stopped.is_alive()
+    assert first.settled == ["ack"] and second.settled == ["ack"]
+    assert runner.counts == {Outcome.ACKED: 2}
+
+
+def test_stop_gives_up_waiting_for_confirms_after_its_timeout() -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
+    consumer = QueueConsumer(broker, TOPOLOGY.queues()[0], runner, concurrency=1)
+    consumer.start()
+    assert broker.on_delivery is not None
+    delivery = HeldDelivery(command())
+    broker.on_delivery(delivery)
+    _wait_for(lambda: len(broker.batches) == 1)
+
+    consumer.stop(timeout_s=0.1)
+
+    # Not acked: RabbitMQ keeps it and redelivers it once the connection closes.
+    assert delivery.settled == []
+
+
+def test_the_default_headroom_is_a_quarter_of_the_threads_and_at_least_one() -> None:
+    assert [default_headroom(c) for c in (1, 4, 6, 32)] == [1, 1, 1, 8]
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    for attempt in Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.01), reraise=True):
+        with attempt:
+            assert condition()
