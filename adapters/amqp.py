@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,9 @@ class AmqpBroker:
         self._consumers: dict[str, _Consumer] = {}
         # Delivery tag -> the publish() call waiting for it, oldest first (I/O thread only).
         self._pending: OrderedDict[int, _Batch] = OrderedDict()
-        # Every publish future not yet settled, so that a lost connection fails them all, even
-        # those whose publish callback never reached the I/O thread.
-        self._unsettled: set[Future[None]] = set()
+        # Every publish not yet settled, so that a lost connection fails them all, and the sweep
+        # expires them, even those whose publish callback never reached the I/O thread.
+        self._unsettled: set[_Batch] = set()
         # Acks and requeues wait here for one hand-off that settles them all: one wake-up of the
         # I/O loop per batch instead of one per message.
         self._settles: deque[Callable[[], None]] = deque()
@@ -253,8 +254,8 @@ class AmqpBroker:
             return done
         batch = _Batch(len(messages), timeout_s)
         with self._lock:
-            self._unsettled.add(batch.done)
-        batch.done.add_done_callback(self._forget)
+            self._unsettled.add(batch)
+        batch.done.add_done_callback(partial(self._forget, batch))
         lost = TransientError("broker not connected", call="publish")
         self._on_io_thread(
             lambda: self._publish_now(messages, batch),
@@ -333,30 +334,41 @@ class AmqpBroker:
         connection dropped: it is stranded there, and its fallback runs once the loop has ended
         (otherwise a cancel or a subscription would wait for a confirmation that cannot come).
         """
-        connection = self._connection
         run = callback
         token = object()
         if fallback is not None:
-            with self._lock:
-                self._fallbacks[token] = fallback
 
             def run() -> None:
                 with self._lock:
                     self._fallbacks.pop(token, None)
                 callback()
 
-        try:
-            if connection is None:
-                raise pika.exceptions.ConnectionWrongStateError("not connected")
-            connection.ioloop.add_callback_threadsafe(run)
-        except (pika.exceptions.AMQPError, RuntimeError, AttributeError, OSError, ValueError):
-            # A dead connection (or a closed loop whose wake-up socket is gone): nothing to do
-            # there, and the broker requeues unacked deliveries.
-            self._run_fallbacks([token])
-
-    def _forget(self, done: Future[None]) -> None:
+        # Under the lock: `_run` drops the connection under it once the loop has ended, before it
+        # runs the fallbacks; a closed loop would accept the callback and never run it.
         with self._lock:
-            self._unsettled.discard(done)
+            connection = self._connection
+            if connection is not None:
+                if fallback is not None:
+                    self._fallbacks[token] = fallback
+                try:
+                    connection.ioloop.add_callback_threadsafe(run)
+                    return
+                except (
+                    pika.exceptions.AMQPError,
+                    RuntimeError,
+                    AttributeError,
+                    OSError,
+                    ValueError,
+                ):
+                    self._fallbacks.pop(token, None)
+        # No loop to run it (between connections, or closed): nothing to do there, and the
+        # broker requeues unacked deliveries.
+        if fallback is not None:
+            fallback()
+
+    def _forget(self, batch: _Batch, _done: Future[None]) -> None:
+        with self._lock:
+            self._unsettled.discard(batch)
 
     def _run_fallbacks(self, tokens: Sequence[object] | None = None) -> None:
         """Run (once) the fallbacks of the given hand-offs, or of every one still pending."""
@@ -407,9 +419,11 @@ class AmqpBroker:
                 on_close_callback=self._on_connection_closed,
             )
             self._connection.ioloop.start()
-            # The loop stopped: the connection is gone (or we are closing). Closing the loop
-            # frees its wake-up sockets; later thread-safe calls on it fail and are handled.
-            self._connection.ioloop.close()
+            # The loop stopped: the connection is gone (or we are closing). From now on hand-offs
+            # run their fallbacks at once (see _on_io_thread); then the loop's resources go.
+            with self._lock:
+                ended, self._connection = self._connection, None
+            ended.ioloop.close()
             self._fail_pending(TransientError("connection to RabbitMQ lost", call="publish"))
             # Hand-offs the dead loop accepted but never ran: no later connection will run them
             # either (and none can be queued on a new loop yet: it does not exist).
@@ -644,24 +658,21 @@ class AmqpBroker:
 
     def _expire_unconfirmed(self, channel: Channel) -> None:
         """Fail the publishes whose confirms are overdue; again every CONFIRM_SWEEP_S while
-        `channel` is the current one. `_pending` is in publish order: the oldest come first."""
+        `channel` is the current one. A confirm that comes later finds its publish settled."""
         connection = self._connection
         if not channel.is_open or channel is not self._channel or connection is None:
             return
         now = time.monotonic()
-        pending = self._pending
-        while pending:
-            batch = next(iter(pending.values()))
-            if batch.deadline > now:
-                break
-            pending.popitem(last=False)
+        with self._lock:
+            overdue = [batch for batch in self._unsettled if batch.deadline <= now]
+        for batch in overdue:
             batch.expire()
         connection.ioloop.call_later(CONFIRM_SWEEP_S, lambda: self._expire_unconfirmed(channel))
 
     def _fail_pending(self, error: TransientError) -> None:
         self._pending = OrderedDict()
         with self._lock:
-            unsettled = list(self._unsettled)
+            unsettled = [batch.done for batch in self._unsettled]
         _fail_all(unsettled, error)
 
     def _close_now(self) -> None:

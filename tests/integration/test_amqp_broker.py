@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import threading
 import time
@@ -174,6 +175,28 @@ def test_a_closed_connection_is_reopened_and_consumers_resume(
     eventually(lambda: broker.connected, seconds=30)
     broker.publish([out("sync.command", b"after")])
     eventually(lambda: got == [b"before", b"after"])
+
+
+def test_an_ack_handed_over_between_two_connections_does_not_stall_later_acks(
+    broker: AmqpBroker, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pika's closed loop accepts a thread-safe callback and never runs it: an ack lost there once
+    # kept every later ack from being handed over, and a consumer stalled at its prefetch.
+    got: list[Delivery] = []
+    broker.consume(topology.queues()[0], got.append, prefetch=1)
+    broker.publish([out("sync.command", b"first"), out("sync.command", b"second")])
+    eventually(lambda: len(got) == 1)
+    caplog.set_level(logging.WARNING, logger="sfsync.broker.amqp")
+    assert close_connections_named(f"{topology.prefix}-test") == 1
+    # Logged after the old loop is closed, just before the backoff (0.25 s at least).
+    eventually(lambda: "reconnecting in" in caplog.text, seconds=10)
+    got[0].ack()  # meaningless now (RabbitMQ has requeued it), and must be harmless
+
+    eventually(lambda: len(got) == 2, seconds=30)
+    got[1].ack()
+    eventually(lambda: len(got) == 3)
+    got[2].ack()
+    assert sorted(d.body for d in got[1:]) == [b"first", b"second"]
 
 
 def test_a_handler_slower_than_two_heartbeats_does_not_lose_the_connection(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 from pika.spec import Basic
 
-from adapters.amqp import CONFIRM_SWEEP_S, AmqpBroker, _Batch
+from adapters.amqp import AmqpBroker, _Batch
 from adapters.topology import Topology
 from domain.errors import PermanentError, TransientError
 
@@ -76,35 +77,56 @@ def test_the_first_failure_of_a_batch_is_the_one_reported() -> None:
         batch.done.result(timeout=0)
 
 
-def test_publishes_without_a_confirm_by_their_deadline_fail_and_the_rest_wait() -> None:
-    overdue, fresh = _Batch(2, timeout_s=60), _Batch(1, timeout_s=60)
-    overdue.deadline = time.monotonic() - 1
-    broker = broker_with((overdue, 2), (fresh, 1))
+def sweeping(broker: AmqpBroker) -> tuple[SimpleNamespace, list[Callable[[], None]]]:
+    """Give a never-started broker an open channel, and a loop that keeps its timers here."""
     channel = SimpleNamespace(is_open=True)
-    sweeps: list[float] = []
+    timers: list[Callable[[], None]] = []
     broker._channel = channel  # type: ignore[assignment]
     broker._connection = SimpleNamespace(  # type: ignore[assignment]
-        ioloop=SimpleNamespace(call_later=lambda delay, _callback: sweeps.append(delay))
+        ioloop=SimpleNamespace(call_later=lambda delay, callback: timers.append(callback))
     )
+    return channel, timers
+
+
+def test_publishes_without_a_confirm_by_their_deadline_fail_and_the_rest_wait() -> None:
+    # A long timeout published first must not shield a shorter one behind it.
+    patient, overdue = _Batch(1, timeout_s=600), _Batch(2, timeout_s=5)
+    overdue.deadline = time.monotonic() - 1
+    broker = broker_with((patient, 1), (overdue, 2))
+    broker._unsettled.update({patient, overdue})
+    channel, _timers = sweeping(broker)
 
     broker._expire_unconfirmed(channel)  # type: ignore[arg-type]
 
-    with pytest.raises(TransientError, match="no confirm within 60s"):
+    with pytest.raises(TransientError, match="no confirm within 5s"):
         overdue.done.result(timeout=0)
-    assert not fresh.done.done() and list(broker._pending) == [3]
-    assert sweeps == [CONFIRM_SWEEP_S]  # and it looks again later
-    confirm(broker, Basic.Ack(delivery_tag=3, multiple=True))  # a late confirm is harmless
-    assert fresh.done.result(timeout=0) is None
+    assert not patient.done.done()
+    confirm(broker, Basic.Ack(delivery_tag=3, multiple=True))  # late confirms are harmless
+    assert patient.done.result(timeout=0) is None
 
 
-def test_the_sweep_ends_with_its_channel() -> None:
+def test_the_sweep_comes_back_while_its_channel_lives_and_ends_with_it() -> None:
     broker = broker_with()
-    sweeps: list[float] = []
-    broker._connection = SimpleNamespace(  # type: ignore[assignment]
-        ioloop=SimpleNamespace(call_later=lambda delay, _callback: sweeps.append(delay))
-    )
-    broker._channel = SimpleNamespace(is_open=True)  # type: ignore[assignment]
+    channel, timers = sweeping(broker)
+    broker._expire_unconfirmed(channel)  # type: ignore[arg-type]
+    [again] = timers
+    late = _Batch(1, timeout_s=5)
+    late.deadline = time.monotonic() - 1
+    broker._unsettled.add(late)  # never handed to the channel (its hand-off was lost)
 
-    broker._expire_unconfirmed(SimpleNamespace(is_open=True))  # type: ignore[arg-type]
+    again()
 
-    assert sweeps == []
+    assert late.done.exception(timeout=0) is not None
+    assert len(timers) == 2
+    broker._channel = SimpleNamespace(is_open=True)  # type: ignore[assignment]  # a reconnect
+    timers[-1]()
+    assert len(timers) == 2  # the old channel's sweep has ended
+
+
+def test_after_the_loop_has_gone_a_hand_off_runs_its_fallback_at_once() -> None:
+    broker = broker_with()  # never started: no loop, as between two connections
+    ran: list[str] = []
+
+    broker._on_io_thread(lambda: ran.append("callback"), fallback=lambda: ran.append("fallback"))
+
+    assert ran == ["fallback"] and not broker._fallbacks
