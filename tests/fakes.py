@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from domain.errors import PermanentError, TransientError
@@ -140,3 +141,24 @@ def transient(customer_id: str) -> TransientError:
         call="GET sharefile Accounts/Employees",
         status=503,
     )
+
+
+@dataclass
+class RecordedDelivery:
+    """A delivery (adapters.broker.Delivery) that records how it was settled."""
+
+    body: bytes
+    queue: str = "t.sync"
+    routing_key: str = "sync.command"
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    message_id: str | None = None
+    correlation_id: str | None = None
+    type: str | None = None
+    settled: list[str] = field(default_factory=list)
+
+    def ack(self) -> None:
+        self.settled.append("ack")
+
+    def requeue(self) -> None:
+        self.settled.append("requeue")

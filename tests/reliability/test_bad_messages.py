@@ -8,9 +8,9 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from sfsync.bootstrap import build_topology, default_stamper, running, track_run
 from sfsync.settings import Settings
 from simulators import Scenario, SimulatorServers, generate_fleet
 from tests.e2e.conftest import no_stray_settings, settings_for  # noqa: F401
-from tests.fakes import FakeServicesManager, FakeShareFile, fixed_stamper
+from tests.fakes import FakeServicesManager, FakeShareFile, RecordedDelivery, fixed_stamper
 
 STAMP = fixed_stamper()
 SYNC_KEY = "sync.command"
@@ -363,25 +363,6 @@ def test_the_flood_is_ten_thousand_bodies_the_decoder_refuses_but_the_misrouted_
 
 
 # -- the runner on its own, no broker: arbitrary bytes and arbitrary JSON ------------------------
-
-
-@dataclass
-class RecordedDelivery:
-    body: bytes
-    queue: str
-    routing_key: str
-    headers: Mapping[str, Any] = field(default_factory=dict)
-    redelivered: bool = False
-    message_id: str | None = None
-    correlation_id: str | None = None
-    type: str | None = None
-    settled: list[str] = field(default_factory=list)
-
-    def ack(self) -> None:
-        self.settled.append("ack")
-
-    def requeue(self) -> None:
-        self.settled.append("requeue")
 
 
 class RecordingBroker:

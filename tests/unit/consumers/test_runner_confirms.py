@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
 
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
@@ -19,28 +17,10 @@ from adapters.broker import Delivery, Outgoing
 from adapters.topology import QueueSpec, Topology
 from consumers.runner import MessageRunner, Outcome, QueueConsumer, default_headroom
 from domain.errors import PermanentError, TransientError
+from tests.fakes import RecordedDelivery
 from tests.unit.consumers.test_runner import ScriptedHandler, command
 
 TOPOLOGY = Topology(prefix="t")
-
-
-@dataclass
-class HeldDelivery:
-    body: bytes
-    queue: str = "t.sync"
-    routing_key: str = "sync.command"
-    headers: Mapping[str, Any] = field(default_factory=dict)
-    redelivered: bool = False
-    message_id: str | None = "m1"
-    correlation_id: str | None = "r1"
-    type: str | None = "sync.command"
-    settled: list[str] = field(default_factory=list)
-
-    def ack(self) -> None:
-        self.settled.append("ack")
-
-    def requeue(self) -> None:
-        self.settled.append("requeue")
 
 
 class HeldConfirms:
@@ -85,7 +65,7 @@ class HeldConfirms:
 def test_the_ack_waits_for_the_confirm_but_the_caller_does_not() -> None:
     broker = HeldConfirms()
     runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
-    delivery = HeldDelivery(command())
+    delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
 
@@ -101,7 +81,7 @@ def test_the_ack_waits_for_the_confirm_but_the_caller_does_not() -> None:
 def test_outputs_refused_by_the_broker_send_the_delivery_back() -> None:
     broker = HeldConfirms()
     runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
-    delivery = HeldDelivery(command())
+    delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
     broker.confirm(0, TransientError("RabbitMQ rejected a publish", call="publish"))
@@ -115,7 +95,7 @@ def test_outputs_that_cannot_be_encoded_send_the_delivery_back_not_lost() -> Non
     # until the connection closed; now it is requeued (the queue's delivery limit parks it).
     broker = HeldConfirms()
     runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
-    delivery = HeldDelivery(command())
+    delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
     broker.confirm(0, PermanentError("message could not be encoded: ValueError"))
@@ -127,7 +107,7 @@ def test_outputs_that_cannot_be_encoded_send_the_delivery_back_not_lost() -> Non
 def test_a_message_is_parked_only_after_its_failure_report_is_confirmed() -> None:
     broker = HeldConfirms()
     runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(PermanentError("gone")))
-    delivery = HeldDelivery(command())
+    delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
     assert [broker.kinds(i) for i in range(len(broker.batches))] == [["sync.failed"]]
@@ -143,7 +123,7 @@ def test_a_message_is_parked_only_after_its_failure_report_is_confirmed() -> Non
 def test_an_unconfirmed_failure_report_requeues_without_parking() -> None:
     broker = HeldConfirms()
     runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(PermanentError("gone")))
-    delivery = HeldDelivery(command())
+    delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
     broker.confirm(0, TransientError("connection to RabbitMQ lost", call="publish"))
@@ -159,7 +139,7 @@ def test_a_thread_takes_the_next_delivery_while_the_last_one_awaits_its_confirm(
     consumer = QueueConsumer(broker, TOPOLOGY.queues()[0], runner, concurrency=1, headroom=1)
     consumer.start()
     assert broker.prefetch == 2 and broker.on_delivery is not None
-    first, second = HeldDelivery(command("c1")), HeldDelivery(command("c2"))
+    first, second = RecordedDelivery(command("c1")), RecordedDelivery(command("c2"))
 
     broker.on_delivery(first)
     broker.on_delivery(second)
@@ -186,7 +166,7 @@ def test_stop_gives_up_waiting_for_confirms_after_its_timeout() -> None:
     consumer = QueueConsumer(broker, TOPOLOGY.queues()[0], runner, concurrency=1)
     consumer.start()
     assert broker.on_delivery is not None
-    delivery = HeldDelivery(command())
+    delivery = RecordedDelivery(command())
     broker.on_delivery(delivery)
     _wait_for(lambda: len(broker.batches) == 1)
 
