@@ -99,15 +99,27 @@ class Metrics:
             "Plans whose removals the safety guard held.",
             registry=self.registry,
         )
+        # labels() validates and locks on every call; a message's children are looked up once.
+        self._message_children: dict[tuple[str | None, str], tuple[Counter, Histogram]] = {}
 
     def message_outcome(
         self, message_type: str | None, outcome: str, seconds: float | None = None
     ) -> None:
         """One message finished with `outcome` (a runner Outcome or its value)."""
-        label = message_type if message_type in PAYLOAD_TYPES else UNKNOWN_TYPE
-        self.messages.labels(type=label, outcome=str(outcome)).inc()
+        key = (message_type, outcome)
+        children = self._message_children.get(key)
+        if children is None:
+            label = message_type if message_type in PAYLOAD_TYPES else UNKNOWN_TYPE
+            children = (
+                self.messages.labels(type=label, outcome=str(outcome)),
+                self.message_seconds.labels(type=label),
+            )
+            if message_type in PAYLOAD_TYPES or message_type is None:  # bounded: cache it
+                self._message_children[key] = children
+        counter, histogram = children
+        counter.inc()
         if seconds is not None:
-            self.message_seconds.labels(type=label).observe(seconds)
+            histogram.observe(seconds)
 
     def http_call(self, api: str, status: int | None, seconds: float | None = None) -> None:
         """One HTTP attempt to `api` ("sm" or "sharefile"); status None = no answer (timeout…)."""
@@ -153,6 +165,8 @@ _servers: dict[int, WSGIServer] = {}
 def default_metrics() -> Metrics:
     """This process's metrics (created on first use, with process_* metrics)."""
     global _default
+    if _default is not None:
+        return _default
     with _default_lock:
         if _default is None:
             _default = Metrics(process_metrics=True)

@@ -19,10 +19,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
+from queue import SimpleQueue
 from typing import Any, Protocol
 
 from adapters import metrics
@@ -136,12 +137,13 @@ class MessageRunner:
         except Exception:
             log.exception("on_give_up failed for %s; parking without a report", message.type)
             reports = []
+
+        def park(outcome: Future[Outcome]) -> None:
+            _pass_on(self._park(delivery, f"{why}: {error}"), outcome)
+
         # The report first: a message is parked only once its failure has been reported.
         return self._after_confirms(
-            delivery,
-            reports,
-            confirmed=lambda: self._park(delivery, f"{why}: {error}"),
-            failed_what="the failure report",
+            delivery, reports, confirmed=park, failed_what="the failure report"
         )
 
     def _retry(self, delivery: Delivery, attempt: int, reason: str) -> Future[Outcome]:
@@ -163,9 +165,9 @@ class MessageRunner:
     def _finish(
         self, delivery: Delivery, outputs: list[Outgoing], success: Outcome = Outcome.ACKED
     ) -> Future[Outcome]:
-        def ack() -> Future[Outcome]:
+        def ack(outcome: Future[Outcome]) -> None:
             delivery.ack()
-            return _done(success)
+            outcome.set_result(success)
 
         return self._after_confirms(delivery, outputs, confirmed=ack, failed_what="its outputs")
 
@@ -173,20 +175,20 @@ class MessageRunner:
         self,
         delivery: Delivery,
         outputs: list[Outgoing],
-        confirmed: Callable[[], Future[Outcome]],
+        confirmed: Callable[[Future[Outcome]], None],
         failed_what: str,
     ) -> Future[Outcome]:
-        """Publish `outputs`; once confirmed, go on with `confirmed`. If they cannot be
-        published the delivery goes back to its queue, to be handled again (the outputs may
-        then be published twice, which the handlers' deterministic ids make harmless)."""
+        """Publish `outputs`; once confirmed, go on with `confirmed`, which completes the outcome.
+        If they cannot be published the delivery goes back to its queue, to be handled again
+        (the outputs may then be published twice, which the handlers' deterministic ids make
+        harmless)."""
         outcome: Future[Outcome] = Future()
 
-        def then(published: Future[None]) -> None:
+        def then(error: BaseException | None) -> None:
             # On the broker's I/O thread (or here, if already settled): nothing here may block.
-            error = published.exception()
             if error is None:
                 try:
-                    _pass_on(confirmed(), outcome)
+                    confirmed(outcome)
                     return
                 except Exception as exc:  # a bug in the runner must not strand the delivery
                     log.exception("finishing %s failed", delivery.queue)
@@ -197,7 +199,10 @@ class MessageRunner:
             delivery.requeue()
             outcome.set_result(Outcome.REQUEUED)
 
-        self.broker.publish_async(outputs).add_done_callback(then)
+        if outputs:
+            self.broker.publish_async(outputs).add_done_callback(lambda p: then(p.exception()))
+        else:
+            then(None)  # nothing to publish, so nothing to wait for
         return outcome
 
     @staticmethod
@@ -225,12 +230,6 @@ class MessageRunner:
         )
 
 
-def _done(outcome: Outcome) -> Future[Outcome]:
-    done: Future[Outcome] = Future()
-    done.set_result(outcome)
-    return done
-
-
 def _pass_on(source: Future[Outcome], target: Future[Outcome]) -> None:
     source.add_done_callback(lambda done: target.set_result(done.result()))
 
@@ -238,11 +237,15 @@ def _pass_on(source: Future[Outcome], target: Future[Outcome]) -> None:
 class QueueConsumer:
     """Consumes one queue with `concurrency` handler threads.
 
-    Deliveries arrive on the broker's thread and are handed to the pool at once, so the broker's
-    I/O (and its heartbeats) never waits on a handler. A thread is free for the next delivery as
+    Deliveries arrive on the broker's thread and go into an inbox at once, so the broker's I/O
+    (and its heartbeats) never waits on a handler. A thread is free for the next delivery as
     soon as it has published a delivery's outputs: their confirms (and the ack) come later, on
     the broker's thread. The prefetch is therefore `concurrency` plus a `headroom` of deliveries
     that wait for their confirms, so that the threads still find work meanwhile.
+
+    The inbox is a `queue.SimpleQueue` read by the threads themselves, not a ThreadPoolExecutor:
+    a delivery already has its own completion (the outcome future), and the executor's Future,
+    work item and semaphore per message cost the consume path about a tenth of its CPU.
     """
 
     def __init__(
@@ -260,18 +263,31 @@ class QueueConsumer:
         self.prefetch = self.concurrency + (
             default_headroom(self.concurrency) if headroom is None else max(0, headroom)
         )
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=queue.name)
+        self._inbox: SimpleQueue[Delivery | None] = SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{queue.name}-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
         self._in_flight = 0
+        self._stopping = False
         self._idle = threading.Condition()
 
     def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
         self.broker.consume(self.queue, self._on_delivery, prefetch=self.prefetch)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop taking messages, let the ones taken finish (publish, confirms, ack), then
         return; after `timeout_s` without their confirms, leave them to the broker."""
         self.broker.cancel(self.queue.name)
-        self._pool.shutdown(wait=True)
+        with self._idle:
+            self._stopping = True
+        for _ in self._threads:
+            self._inbox.put(None)  # after every delivery taken: each thread ends on one
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join()
         if not self.wait_idle(timeout_s):
             log.warning(
                 "stopping with %d messages from %s unconfirmed; RabbitMQ redelivers them",
@@ -285,21 +301,23 @@ class QueueConsumer:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         with self._idle:
-            self._in_flight += 1
-        try:
-            self._pool.submit(self._run, delivery)
-        except RuntimeError:
-            # The pool is shutting down: give the message back for another consumer.
-            delivery.requeue()
-            self._done()
+            if not self._stopping:
+                self._in_flight += 1
+                # Under the lock: stop() queues the threads' end markers after this delivery.
+                self._inbox.put(delivery)
+                return
+        delivery.requeue()  # stopping: give the message back for another consumer
 
-    def _run(self, delivery: Delivery) -> None:
-        try:
-            outcome = self.runner.process(delivery)
-        except BaseException:
-            self._done()
-            raise
-        outcome.add_done_callback(self._done)
+    def _work(self) -> None:
+        while (delivery := self._inbox.get()) is not None:
+            try:
+                outcome = self.runner.process(delivery)
+            except Exception:  # a bug in the runner: this thread must go on with the next one
+                log.exception("handling a message from %s failed", self.queue.name)
+                delivery.requeue()
+                self._done()
+                continue
+            outcome.add_done_callback(self._done)
 
     def _done(self, _outcome: Future[Outcome] | None = None) -> None:
         with self._idle:

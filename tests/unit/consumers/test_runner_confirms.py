@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
@@ -17,6 +18,7 @@ from adapters.broker import Delivery, Outgoing
 from adapters.topology import QueueSpec, Topology
 from consumers.runner import MessageRunner, Outcome, QueueConsumer, default_headroom
 from domain.errors import PermanentError, TransientError
+from domain.messages import Envelope
 from tests.fakes import RecordedDelivery
 from tests.unit.consumers.test_runner import ScriptedHandler, command
 
@@ -176,6 +178,67 @@ def test_stop_gives_up_waiting_for_confirms_after_its_timeout() -> None:
     assert time.monotonic() - started >= 0.2  # it did wait for the confirms
     # Not acked: RabbitMQ keeps it and redelivers it once the connection closes.
     assert delivery.settled == []
+
+
+class Silent(ScriptedHandler):
+    """Succeeds with nothing to publish (a no-op sync, an event only logged)."""
+
+    def handle(self, message: Envelope[Any]) -> Sequence[Envelope[Any]]:
+        self.calls += 1
+        return []
+
+
+def test_a_message_with_nothing_to_publish_is_acked_at_once() -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, Silent())
+    delivery = RecordedDelivery(command())
+
+    outcome = runner.process(delivery)
+
+    assert outcome.result(timeout=0) is Outcome.ACKED
+    assert broker.batches == [] and delivery.settled == ["ack"]
+
+
+def test_a_delivery_that_arrives_while_stopping_goes_back_to_its_queue() -> None:
+    broker = HeldConfirms()
+    handler = ScriptedHandler()
+    consumer = QueueConsumer(
+        broker, TOPOLOGY.queues()[0], MessageRunner(broker, TOPOLOGY, handler), 2
+    )
+    consumer.start()
+    assert broker.on_delivery is not None
+    consumer.stop(timeout_s=1)
+    late = RecordedDelivery(command())
+
+    broker.on_delivery(late)  # e.g. already on its way when the cancel was sent
+
+    assert late.settled == ["requeue"] and handler.calls == 0
+    assert consumer.wait_idle(0)
+
+
+class Broken(MessageRunner):
+    """A runner with a bug: its first message raises out of process()."""
+
+    def process(self, delivery: Delivery) -> Future[Outcome]:
+        if not getattr(self, "failed", False):
+            self.failed = True
+            raise RuntimeError("a bug")
+        return super().process(delivery)
+
+
+def test_a_bug_in_the_runner_requeues_the_message_and_the_thread_goes_on() -> None:
+    broker = HeldConfirms()
+    consumer = QueueConsumer(broker, TOPOLOGY.queues()[0], Broken(broker, TOPOLOGY, Silent()), 1)
+    consumer.start()
+    assert broker.on_delivery is not None
+    first, second = RecordedDelivery(command("c1")), RecordedDelivery(command("c2"))
+
+    broker.on_delivery(first)
+    broker.on_delivery(second)
+
+    assert consumer.wait_idle(5)
+    assert first.settled == ["requeue"] and second.settled == ["ack"]
+    consumer.stop(timeout_s=1)
 
 
 def test_the_default_headroom_is_a_quarter_of_the_threads_and_at_least_one() -> None:
