@@ -21,7 +21,7 @@ the process's default `Metrics` (which also exports process_* metrics); tests bu
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
@@ -99,33 +99,55 @@ class Metrics:
             "Plans whose removals the safety guard held.",
             registry=self.registry,
         )
-        # labels() validates and locks on every call; a message's children are looked up once.
-        self._message_children: dict[tuple[str | None, str], tuple[Counter, Histogram]] = {}
+        # labels() validates and locks on every call: a recorder's children are looked up once.
+        self._children: dict[tuple[str | None, ...], tuple[Counter, Histogram]] = {}
 
     def message_outcome(
         self, message_type: str | None, outcome: str, seconds: float | None = None
     ) -> None:
         """One message finished with `outcome` (a runner Outcome or its value)."""
-        key = (message_type, outcome)
-        children = self._message_children.get(key)
-        if children is None:
-            label = message_type if message_type in PAYLOAD_TYPES else UNKNOWN_TYPE
-            children = (
+        known = message_type in PAYLOAD_TYPES or message_type is None
+        label = message_type if message_type in PAYLOAD_TYPES else UNKNOWN_TYPE
+        self._record(
+            ("message", message_type, str(outcome)),
+            lambda: (
                 self.messages.labels(type=label, outcome=str(outcome)),
                 self.message_seconds.labels(type=label),
-            )
-            if message_type in PAYLOAD_TYPES or message_type is None:  # bounded: cache it
-                self._message_children[key] = children
-        counter, histogram = children
-        counter.inc()
-        if seconds is not None:
-            histogram.observe(seconds)
+            ),
+            seconds,
+            remember=known,  # any other type is garbage from the wire: unbounded, not kept
+        )
 
     def http_call(self, api: str, status: int | None, seconds: float | None = None) -> None:
         """One HTTP attempt to `api` ("sm" or "sharefile"); status None = no answer (timeout…)."""
-        self.http_requests.labels(api=api, status="error" if status is None else str(status)).inc()
+        text = "error" if status is None else str(status)
+        self._record(
+            ("http", api, text),
+            lambda: (
+                self.http_requests.labels(api=api, status=text),
+                self.http_seconds.labels(api=api),
+            ),
+            seconds,
+        )
+
+    def _record(
+        self,
+        key: tuple[str | None, ...],
+        children: Callable[[], tuple[Counter, Histogram]],
+        seconds: float | None,
+        *,
+        remember: bool = True,
+    ) -> None:
+        """Count one event, and observe its duration if given, in the children for `key`."""
+        found = self._children.get(key)
+        if found is None:
+            found = children()
+            if remember:
+                self._children[key] = found
+        counter, histogram = found
+        counter.inc()
         if seconds is not None:
-            self.http_seconds.labels(api=api).observe(seconds)
+            histogram.observe(seconds)
 
     def http_retry(self, api: str) -> None:
         """An HTTP call to `api` is about to be tried again."""

@@ -60,6 +60,18 @@ def test_unknown_message_types_share_one_label_value(served: tuple[Metrics, str]
     assert not any(dict(labels).get("type") == "garbage.1" for _name, labels in samples)
 
 
+def test_a_stream_of_unknown_types_is_counted_without_being_remembered() -> None:
+    recorded = Metrics()
+    for n in range(1000):
+        recorded.message_outcome(f"garbage.{n}", "parked")
+    recorded.message_outcome("sync.command", "acked")
+
+    # Only the known type's series is cached: garbage off the wire must not grow memory.
+    assert len(recorded._children) == 1
+    value = recorded.registry.get_sample_value
+    assert value("sfsync_messages_total", {"type": "unknown", "outcome": "parked"}) == 1000
+
+
 def test_http_calls_are_counted_by_api_and_status_with_their_duration(
     served: tuple[Metrics, str],
 ) -> None:
