@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +58,7 @@ import httpx
 import pika
 import psutil  # type: ignore[import-untyped]
 from common import delete_topology
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 import sfsync.audit  # noqa: F401 - imported here, not inside the first timed sync_once
 from adapters.http import new_http_client
@@ -338,6 +339,38 @@ def sequential(args: argparse.Namespace, scenario: Scenario) -> Sequential:
     return Sequential(mode, len(chosen), users, per_customer, fleet)
 
 
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, httpx.TransportError)
+
+
+# As the product's clients do, the floor tries a dropped connection or a 5xx again (a 10,000-
+# customer floor once died on one RemoteDisconnected); the retry machinery only on a failure.
+FLOOR_RETRY = Retrying(
+    retry=retry_if_exception(_retryable),
+    stop=stop_after_attempt(5),
+    wait=wait_fixed(0.2),
+    reraise=True,
+)
+
+
+def json_of(send: Callable[..., httpx.Response], url: str, **kwargs: Any) -> Any:
+    """The JSON of a successful answer to `send(url, **kwargs)`, tried again if transient."""
+
+    def once() -> Any:
+        response = send(url, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    try:
+        return once()
+    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+        if not _retryable(exc):
+            raise
+    return FLOOR_RETRY.copy()(once)
+
+
 def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> float:
     """Seconds to fetch every page the workers fetch, with a bare httpx loop and `threads`."""
     with simulator(scenario, args.latency_ms) as sim:
@@ -352,7 +385,7 @@ def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> floa
                 cursor = None
                 while True:
                     params = {"limit": page_size, **({"cursor": cursor} if cursor else {})}
-                    page = http.get(url, params=params, headers=sm_auth).json()
+                    page = json_of(http.get, url, params=params, headers=sm_auth)
                     yield page
                     cursor = page.get("next_cursor")
                     if not cursor:
@@ -360,17 +393,17 @@ def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> floa
 
             def fetch(customer: dict[str, Any]) -> None:
                 subdomain = customer["sharefile"]["subdomain"]
-                http.get(f"{sm_url}/customers/{customer['id']}", headers=sm_auth).json()
+                json_of(http.get, f"{sm_url}/customers/{customer['id']}", headers=sm_auth)
                 for _ in pages(f"{sm_url}/customers/{customer['id']}/users"):
                     pass
                 form = {"grant_type": "password", **CREDENTIALS}
-                token = http.post(token_url.format(subdomain=subdomain), data=form).json()
+                token = json_of(http.post, token_url.format(subdomain=subdomain), data=form)
                 auth = {"Authorization": f"Bearer {token['access_token']}"}
                 url: str | None = (
                     f"{api_url.format(subdomain=subdomain)}Accounts/Employees?$select={SELECT}"
                 )
                 while url:
-                    url = http.get(url, headers=auth).json().get("odata.nextLink")
+                    url = json_of(http.get, url, headers=auth).get("odata.nextLink")
 
             started = time.perf_counter()
             customers = [item for page in pages(f"{sm_url}/customers") for item in page["items"]]
