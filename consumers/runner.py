@@ -4,9 +4,9 @@ Outcomes map to acknowledgements here and nowhere else (as FastStream's Ack/Nack
 success → publish the handler's outputs, ack once they are confirmed; an invalid message or a
 PermanentError → publish the handler's give-up outputs, park the message with the reason, ack;
 a TransientError → delayed retry through the queue's retry queue, or give up after
-`max_attempts`; a broker failure while publishing → requeue (the outputs may be published again,
-which the handlers' deterministic ids make harmless; a work queue's delivery limit parks a message
-that fails every time).
+`max_attempts`; a broker failure while publishing → requeue after a pause that doubles with each
+delivery (the outputs may be published again, which the handlers' deterministic ids make
+harmless; a work queue's delivery limit parks a message that fails every time).
 
 Confirms are awaited on the broker's thread, not the handler's: a handler thread is free for the
 next delivery once it has handed over the outputs, and `process` returns a future of the outcome.
@@ -45,6 +45,13 @@ log = logging.getLogger("sfsync.runner")
 MAX_REASON_CHARS = 500
 # How long stop() waits for the confirms of messages already handled (the broker's own limit).
 STOP_TIMEOUT_S = 60.0
+# A message whose outputs could not be published goes back to its queue only after a pause, longer
+# each time RabbitMQ has delivered it before (x-delivery-count): an immediate requeue is delivered
+# again at once, and while a quorum queue elects a new leader RabbitMQ refuses every publish to it
+# for seconds, so the work queue's delivery limit (20) dead-lettered messages within two seconds.
+REQUEUE_DELAY_S = 0.5
+MAX_REQUEUE_DELAY_S = 15.0
+DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by RabbitMQ on quorum queue redeliveries
 
 
 class Handler(Protocol):
@@ -70,6 +77,8 @@ class MessageRunner:
     topology: Topology
     handler: Handler
     max_attempts: int = 5
+    requeue_delay_s: float = REQUEUE_DELAY_S
+    max_requeue_delay_s: float = MAX_REQUEUE_DELAY_S
 
     def __post_init__(self) -> None:
         self.counts: Counter[Outcome] = Counter()
@@ -193,17 +202,44 @@ class MessageRunner:
                 except Exception as exc:  # a bug in the runner must not strand the delivery
                     log.exception("finishing %s failed", delivery.queue)
                     error = exc
+            delay = self.requeue_delay(delivery)
             log.warning(
-                "publishing %s failed (%s); the message goes back to its queue", failed_what, error
+                "publishing %s failed (%s); the message goes back to its queue in %.1fs",
+                failed_what,
+                error,
+                delay,
             )
-            delivery.requeue()
-            outcome.set_result(Outcome.REQUEUED)
+            self._requeue_later(delivery, delay, outcome)
 
         if outputs:
             self.broker.publish_async(outputs).add_done_callback(lambda p: then(p.exception()))
         else:
             then(None)  # nothing to publish, so nothing to wait for
         return outcome
+
+    def requeue_delay(self, delivery: Delivery) -> float:
+        """The pause before a delivery goes back to its queue: doubling with each delivery."""
+        count = delivery.headers.get(DELIVERY_COUNT_HEADER, 0)
+        count = count if isinstance(count, int) and count > 0 else 0
+        return min(self.max_requeue_delay_s, self.requeue_delay_s * 2.0 ** min(count, 30))
+
+    @staticmethod
+    def _requeue_later(delivery: Delivery, delay: float, outcome: Future[Outcome]) -> None:
+        """Requeue after `delay` (the delivery keeps its prefetch slot meanwhile), then complete
+        the outcome; nothing here blocks the calling thread (often the broker's I/O thread)."""
+
+        def requeue() -> None:
+            try:
+                delivery.requeue()
+            finally:
+                outcome.set_result(Outcome.REQUEUED)
+
+        if delay <= 0:
+            requeue()
+            return
+        timer = threading.Timer(delay, requeue)
+        timer.daemon = True  # at exit the broker requeues what is still unacknowledged
+        timer.start()
 
     @staticmethod
     def _copy(delivery: Delivery, queue: str, *, attempt: int, reason: str) -> Outgoing:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from adapters.topology import Topology
+from consumers.runner import default_headroom
 from sfsync.bootstrap import build_broker
 from sfsync.settings import Settings
 from simulators import Faults, Scenario, SimulatorServers, generate_fleet
@@ -42,7 +43,8 @@ pytestmark = [
 ]
 
 CUSTOMERS = 250
-CONCURRENCY = 4  # per worker, = its prefetch
+CONCURRENCY = 4  # per worker; its prefetch is PREFETCH
+PREFETCH = CONCURRENCY + default_headroom(CONCURRENCY)
 # Slow enough ShareFile answers that a cycle lasts long enough to break something in the middle.
 SHAREFILE_LATENCY_MS = 120
 HEARTBEAT_S = 2
@@ -216,7 +218,7 @@ def test_killing_the_quorum_leader_node_keeps_the_queues_serving_from_a_new_lead
             cluster.kill_node(3)
             # At most 3 x prefetch deliveries were in hand at the kill: a plan beyond those was
             # delivered after it, by the new leader. (Workers log each plan as it is made.)
-            in_hand = len(workers) * CONCURRENCY
+            in_hand = len(workers) * PREFETCH
             eventually(
                 lambda: sum(w.planned() for w in workers) > planned + in_hand, 90, every=0.05
             )

@@ -82,7 +82,7 @@ def test_the_ack_waits_for_the_confirm_but_the_caller_does_not() -> None:
 
 def test_outputs_refused_by_the_broker_send_the_delivery_back() -> None:
     broker = HeldConfirms()
-    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(), requeue_delay_s=0)
     delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
@@ -92,11 +92,44 @@ def test_outputs_refused_by_the_broker_send_the_delivery_back() -> None:
     assert delivery.settled == ["requeue"]
 
 
+def test_a_refused_publish_requeues_after_a_pause_not_at_once() -> None:
+    # At once, RabbitMQ delivers the message again at once: while a quorum queue elected a new
+    # leader and refused every publish, a worker went through the delivery limit (20) in two
+    # seconds and RabbitMQ dead-lettered the commands (seen in the cluster suite's leader kill).
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(), requeue_delay_s=0.3)
+    delivery = RecordedDelivery(command())
+
+    outcome = runner.process(delivery)
+    refused = time.monotonic()
+    broker.confirm(0, TransientError("RabbitMQ rejected a publish", call="publish"))
+
+    assert delivery.settled == [] and not outcome.done()  # still holding its prefetch slot
+    assert outcome.result(timeout=5) is Outcome.REQUEUED
+    assert time.monotonic() - refused >= 0.3
+    assert delivery.settled == ["requeue"]
+
+
+def test_the_pause_doubles_with_each_delivery_up_to_its_limit() -> None:
+    runner = MessageRunner(
+        HeldConfirms(), TOPOLOGY, ScriptedHandler(), requeue_delay_s=0.5, max_requeue_delay_s=15
+    )
+
+    def pause(headers: dict[str, Any]) -> float:
+        return runner.requeue_delay(RecordedDelivery(command(), headers=headers))
+
+    assert pause({}) == 0.5  # a first delivery (and any broker without the header)
+    assert [pause({"x-delivery-count": n}) for n in (1, 2, 3, 5, 19)] == [1, 2, 4, 15, 15]
+    assert pause({"x-delivery-count": "garbage"}) == 0.5
+    # Twenty deliveries take minutes, not seconds, to reach the work queue's delivery limit.
+    assert sum(pause({"x-delivery-count": n}) for n in range(20)) > 120
+
+
 def test_outputs_that_cannot_be_encoded_send_the_delivery_back_not_lost() -> None:
     # Before, a PermanentError from publishing escaped the runner and left the delivery unsettled
     # until the connection closed; now it is requeued (the queue's delivery limit parks it).
     broker = HeldConfirms()
-    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler())
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(), requeue_delay_s=0)
     delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
@@ -124,7 +157,9 @@ def test_a_message_is_parked_only_after_its_failure_report_is_confirmed() -> Non
 
 def test_an_unconfirmed_failure_report_requeues_without_parking() -> None:
     broker = HeldConfirms()
-    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(PermanentError("gone")))
+    runner = MessageRunner(
+        broker, TOPOLOGY, ScriptedHandler(PermanentError("gone")), requeue_delay_s=0
+    )
     delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
