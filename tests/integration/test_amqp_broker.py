@@ -226,3 +226,38 @@ def test_a_handler_slower_than_two_heartbeats_does_not_lose_the_connection(
     finally:
         consumer.stop()
         broker.close()
+
+
+def test_outputs_refused_for_seconds_are_published_later_not_dead_lettered(
+    amqp_url: str, broker: AmqpBroker, topology: Topology
+) -> None:
+    # While a quorum queue elects a new leader RabbitMQ nacks every publish to it for seconds. A
+    # full queue with reject-publish refuses the same way: the handler's report is nacked until
+    # the test removes that queue. Requeued at once, the command went through the work queue's
+    # delivery limit (20) in well under a second and RabbitMQ dead-lettered it.
+    from tests.unit.consumers.test_runner import ScriptedHandler  # one sync.completed each
+
+    refuser = f"{topology.prefix}.refuser"
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(
+            refuser, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        channel.queue_bind(refuser, topology.exchange, "sync.completed")
+        runner = MessageRunner(broker, topology, ScriptedHandler())
+        consumer = QueueConsumer(broker, topology.queues()[0], runner, concurrency=1)
+        consumer.start()
+        broker.publish([out("sync.command", a_command())])
+        eventually(lambda: runner.counts[Outcome.REQUEUED] >= 2)
+        time.sleep(2.0)  # an immediate requeue would have used up the delivery limit by now
+        refused = runner.counts[Outcome.REQUEUED]
+        channel.queue_delete(refuser)
+        eventually(lambda: runner.counts[Outcome.ACKED] == 1, 30)
+        consumer.stop()
+    finally:
+        connection.close()
+
+    assert 2 <= refused <= 6, f"{refused} requeues: the pauses (0.5 s, 1 s, 2 s, ...) were not kept"
+    dead, _ = queue_info(amqp_url, topology.dead_queue(topology.sync_queue))
+    assert dead == 0
