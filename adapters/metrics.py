@@ -106,16 +106,18 @@ class Metrics:
         self, message_type: str | None, outcome: str, seconds: float | None = None
     ) -> None:
         """One message finished with `outcome` (a runner Outcome or its value)."""
-        known = message_type in PAYLOAD_TYPES or message_type is None
-        label = message_type if message_type in PAYLOAD_TYPES else UNKNOWN_TYPE
+        known = message_type in PAYLOAD_TYPES
+        label = message_type if known else UNKNOWN_TYPE
+        text = str(outcome)
         self._record(
-            ("message", message_type, str(outcome)),
+            ("message", message_type, text),
             lambda: (
-                self.messages.labels(type=label, outcome=str(outcome)),
+                self.messages.labels(type=label, outcome=text),
                 self.message_seconds.labels(type=label),
             ),
             seconds,
-            remember=known,  # any other type is garbage from the wire: unbounded, not kept
+            # Any other type is garbage from the wire (unbounded): counted, not kept.
+            remember=known or message_type is None,
         )
 
     def http_call(self, api: str, status: int | None, seconds: float | None = None) -> None:
