@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import socket
 import threading
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -89,6 +91,27 @@ def test_cookies_an_answer_sets_are_not_kept_or_sent_back(echo_url: str) -> None
         assert len(http.cookies) == 0
         with pytest.raises(ValueError, match="keeps no cookies"):
             http.cookies = {"a": "1"}
+
+
+def test_an_answer_is_freed_without_the_garbage_collector_and_stays_readable(
+    echo_url: str,
+) -> None:
+    # httpx binds an answer's stream to the answer: a reference cycle per request that only the
+    # cyclic collector freed (with its request, URL and headers), a worker's main source of it.
+    with new_http_client() as http:
+        answer = http.get(f"{echo_url}/one")
+        gc.disable()
+        try:
+            assert answer.json()["path"] == "/one" and answer.is_closed
+            assert answer.elapsed.total_seconds() > 0
+            assert b"".join(answer.iter_bytes()) == answer.content
+            gone = weakref.ref(answer)
+            del answer
+            assert gone() is None
+        finally:
+            gc.enable()
+        with http.stream("GET", f"{echo_url}/two") as streaming:  # left as httpx made it
+            assert json.loads(streaming.read())["path"] == "/two"
 
 
 def test_connections_are_reused_and_content_encoding_is_decoded(echo_url: str) -> None:
