@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +196,8 @@ class AmqpBroker:
         self._pending: OrderedDict[int, _Batch] = OrderedDict()
         # Every publish not yet settled, so that a lost connection fails them all, and the sweep
         # expires them, even those whose publish callback never reached the I/O thread.
-        self._unsettled: set[_Batch] = set()
+        # Keyed by the batch's future, which `_forget` is handed when it completes.
+        self._unsettled: dict[Future[None], _Batch] = {}
         # Acks and requeues wait here for one hand-off that settles them all: one wake-up of the
         # I/O loop per batch instead of one per message.
         self._settles: deque[Callable[[], None]] = deque()
@@ -254,8 +254,11 @@ class AmqpBroker:
             return done
         batch = _Batch(len(messages), timeout_s)
         with self._lock:
-            self._unsettled.add(batch)
-        batch.done.add_done_callback(partial(self._forget, batch))
+            self._unsettled[batch.done] = batch
+        # A bound method, not a partial over the batch: the batch holds its future, so that would
+        # be a reference cycle (with the caller's callbacks on the future), left to the garbage
+        # collector instead of freed when the confirm has been handled.
+        batch.done.add_done_callback(self._forget)
         lost = TransientError("broker not connected", call="publish")
         self._on_io_thread(
             lambda: self._publish_now(messages, batch),
@@ -366,9 +369,9 @@ class AmqpBroker:
         if fallback is not None:
             fallback()
 
-    def _forget(self, batch: _Batch, _done: Future[None]) -> None:
+    def _forget(self, done: Future[None]) -> None:
         with self._lock:
-            self._unsettled.discard(batch)
+            self._unsettled.pop(done, None)
 
     def _run_fallbacks(self, tokens: Sequence[object] | None = None) -> None:
         """Run (once) the fallbacks of the given hand-offs, or of every one still pending."""
@@ -664,7 +667,7 @@ class AmqpBroker:
             return
         now = time.monotonic()
         with self._lock:
-            overdue = [batch for batch in self._unsettled if batch.deadline <= now]
+            overdue = [batch for batch in self._unsettled.values() if batch.deadline <= now]
         for batch in overdue:
             batch.expire()
         connection.ioloop.call_later(CONFIRM_SWEEP_S, lambda: self._expire_unconfirmed(channel))
@@ -672,7 +675,7 @@ class AmqpBroker:
     def _fail_pending(self, error: TransientError) -> None:
         self._pending = OrderedDict()
         with self._lock:
-            unsettled = [batch.done for batch in self._unsettled]
+            unsettled = list(self._unsettled)
         _fail_all(unsettled, error)
 
     def _close_now(self) -> None:

@@ -93,7 +93,7 @@ def test_publishes_without_a_confirm_by_their_deadline_fail_and_the_rest_wait() 
     patient, overdue = _Batch(1, timeout_s=600), _Batch(2, timeout_s=5)
     overdue.deadline = time.monotonic() - 1
     broker = broker_with((patient, 1), (overdue, 2))
-    broker._unsettled.update({patient, overdue})
+    broker._unsettled.update({patient.done: patient, overdue.done: overdue})
     channel, _timers = sweeping(broker)
 
     broker._expire_unconfirmed(channel)  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ def test_the_sweep_comes_back_while_its_channel_lives_and_ends_with_it() -> None
     [again] = timers
     late = _Batch(1, timeout_s=5)
     late.deadline = time.monotonic() - 1
-    broker._unsettled.add(late)  # never handed to the channel (its hand-off was lost)
+    broker._unsettled[late.done] = late  # never handed to the channel (its hand-off was lost)
 
     again()
 
