@@ -1,10 +1,11 @@
 """Plots the measured results in docs/performance/ as PNG files next to them (matplotlib).
 
-Reads every `*.json` there written by `bench/fleet_cycle.py --json` (documents with "fleets")
-and, if present, `users_scaling.json` ({"rows": [{"users", "worker_s", "floor_s", ...}]}), and
-writes `cycle_scaling.png`: cycle time against customers for each worker count, with the I/O
-floor of the same total concurrency (dashed) and the sequential baseline (dotted); plus a
-second panel, worker time against users in one customer, when users_scaling.json exists.
+Reads every `*.json` there written by `bench/fleet_cycle.py --json` (documents with "fleets";
+of each fleet size, the latest measurement by its "measured_at") and, if present,
+`users_scaling.json` ({"rows": [{"users", "worker_s", "floor_s", ...}]}), and writes
+`cycle_scaling.png`: cycle time against customers for each worker count, with the I/O floor of
+the same total concurrency (dashed) and the sequential baseline (dotted); plus a second panel,
+worker time against users in one customer, when users_scaling.json exists.
 Needs the `bench` extra: pip install -e '.[bench]'.
 Usage: python bench/plot_performance.py [--dir docs/performance]
 """
@@ -26,12 +27,15 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "docs" / "performance"
 
 
 def load_fleets(directory: Path) -> list[dict[str, Any]]:
+    documents = [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
     fleets: list[dict[str, Any]] = []
-    for path in sorted(directory.glob("*.json")):
-        document = json.loads(path.read_text())
-        if isinstance(document, dict) and "fleets" in document:
-            fleets.extend(document["fleets"])
-    # One point per fleet size: a later file's measurement of the same size wins.
+    # Oldest first (ISO 8601 UTC timestamps sort as text), so that later measurements win.
+    for document in sorted(
+        (d for d in documents if isinstance(d, dict) and "fleets" in d),
+        key=lambda d: str(d.get("measured_at", "")),
+    ):
+        fleets.extend(document["fleets"])
+    # One point per fleet size: the latest measurement of that size wins.
     by_size = {fleet["fleet"]["customers"]: fleet for fleet in fleets}
     return [by_size[size] for size in sorted(by_size)]
 
