@@ -277,7 +277,12 @@ class ConnectionCloser:
 
         def back() -> bool:
             now = self.connections()
-            return len(now) == count and not now.keys() & closed
+            # Said in full when it fails: a flaky failure must show which half did not hold.
+            assert len(now) == count and not now.keys() & closed, (
+                f"{len(now)} connections listed, {count} wanted: {sorted(now.values())}; "
+                f"still listed from before the close: {sorted(now.keys() & closed)}"
+            )
+            return True
 
         eventually(back, seconds, every=0.2)
 
