@@ -85,9 +85,9 @@ def test_published_messages_are_confirmed_routed_and_consumed(
 
 
 def test_a_confirmed_publish_is_freed_without_the_garbage_collector(broker: AmqpBroker) -> None:
-    # A worker publishes two messages per customer: a reference cycle per publish left its future,
-    # lock, condition and the runner's callbacks to the cyclic collector (a tenth of a worker's
-    # garbage-collection time, and memory held between collections).
+    # A worker publishes up to two messages per customer: a reference cycle per publish left its
+    # future, lock, condition and the runner's callbacks (about 35 objects per customer) to the
+    # cyclic collector, and held them in memory until it ran.
     done = threading.Event()
     confirmed = broker.publish_async([out("sync.command")])
     confirmed.add_done_callback(lambda _f: done.set())
