@@ -276,8 +276,8 @@ def test_a_bug_in_the_runner_requeues_the_message_and_the_thread_goes_on() -> No
     consumer.stop(timeout_s=1)
 
 
-def test_the_default_headroom_is_a_quarter_of_the_threads_and_at_least_one() -> None:
-    assert [default_headroom(c) for c in (1, 4, 6, 32)] == [1, 1, 1, 8]
+def test_the_default_headroom_is_as_many_deliveries_again_as_threads() -> None:
+    assert [default_headroom(c) for c in (1, 4, 6, 32)] == [1, 4, 6, 32]
 
 
 def _wait_for(condition: Callable[[], bool]) -> None:
