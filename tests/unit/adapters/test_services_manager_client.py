@@ -333,6 +333,20 @@ def test_a_200_of_the_wrong_shape_is_malformed_never_an_empty_list(
     assert raised.value.call == CALL_LIST_USERS
 
 
+def test_an_opaque_cursor_goes_back_exactly_as_it_came(sm: FakeServicesManager) -> None:
+    cursor = "a/b+c=d&e f%2F"
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params.get("cursor"))
+        return httpx.Response(200, json={"items": [], "next_cursor": None if seen[-1] else cursor})
+
+    sm.override = answer
+    assert list(sm.client(page_size=2).list_users("cust-0001")) == []
+    assert seen == [None, cursor]
+    assert [r.url.params.get("limit") for r in sm.requests] == ["2", "2"]
+
+
 def test_a_repeating_cursor_is_malformed_not_an_endless_loop(sm: FakeServicesManager) -> None:
     sm.override = lambda request: httpx.Response(200, json={"items": [], "next_cursor": "same"})
     with pytest.raises(PermanentError, match="repeats"):
