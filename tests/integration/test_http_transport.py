@@ -35,6 +35,7 @@ class Echo(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
+            "header_lines": [[k.lower(), v] for k, v in self.headers.items()],
             "body": self.rfile.read(length).decode(),
             "peer_port": self.client_address[1],
         }
@@ -79,6 +80,15 @@ def test_requests_carry_method_path_query_headers_and_body(echo_url: str) -> Non
     assert seen["headers"]["host"] == echo_url.removeprefix("http://")
     assert json.loads(seen["body"]) == {"items": ["é"]}
     assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
+
+
+def test_a_repeated_request_header_is_sent_with_every_value(echo_url: str) -> None:
+    # The transport hands urllib3 a plain dict unless a name repeats; then a multi-dict.
+    with new_http_client() as http:
+        answer = http.get(echo_url, headers=[("X-Tag", "a"), ("X-Tag", "b"), ("X-One", "c")])
+    lines = answer.json()["header_lines"]
+    assert [v for k, v in lines if k == "x-tag"] == ["a", "b"]
+    assert [v for k, v in lines if k == "x-one"] == ["c"]
 
 
 def test_cookies_an_answer_sets_are_not_kept_or_sent_back(echo_url: str) -> None:
