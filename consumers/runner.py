@@ -369,7 +369,7 @@ def default_headroom(concurrency: int) -> int:
     acked, so the headroom must cover (messages per second) x (confirm-and-ack time). Measured
     in a busy worker (1 process x 32 threads, 2,000 customers, 20 ms per API call), that time was
     14 ms at the median, 37 ms at p90 and 65 ms at p99, against about 120 ms of handling: with a
-    quarter (8) as headroom, the threads waited for a delivery 6-11 % of their time; with as many
+    quarter (8) as headroom, the threads waited for a delivery 6-12 % of their time; with as many
     again (32), 1-2 %. A slower API only lengthens the handling, so the headroom stays enough.
     """
     return max(1, concurrency)
