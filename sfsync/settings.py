@@ -67,6 +67,9 @@ class Settings(BaseSettings):
 
     # Workers and delivery
     concurrency: int = Field(default=4, ge=1, le=256)
+    # How long a thread of a worker or submitter process may hold the GIL while another waits
+    # (sys.setswitchinterval; Python's own default is 5 ms). See sfsync.cli.roles.
+    switch_interval_ms: float = Field(default=20.0, gt=0, le=1000)
     max_attempts: int = Field(default=5, ge=1, le=100)
     retry_delay_s: float = Field(default=30.0, gt=0)
     delivery_limit: int = Field(default=20, ge=1)

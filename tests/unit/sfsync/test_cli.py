@@ -104,3 +104,36 @@ def test_progress_is_a_live_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -
     drawn = screen.getvalue()
     assert "4/10" in drawn and "failed 1, held 2" in drawn
     assert "━" in drawn  # the bar itself
+
+
+@pytest.mark.parametrize("role", ["worker", "submitter"])
+def test_consuming_roles_hold_the_gil_for_the_configured_switch_interval(
+    role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import sys
+
+    import sfsync.bootstrap
+    from sfsync.cli import roles
+
+    seen: list[float] = []
+    monkeypatch.setattr(
+        sfsync.bootstrap, "running", lambda *args, **kwargs: contextlib.nullcontext()
+    )
+    monkeypatch.setattr(roles, "_wait_for_signal", lambda: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    try:
+        default = run(role, SFSYNC_BROKER_URL="amqp://127.0.0.1:1/")
+        chosen = run(role, SFSYNC_BROKER_URL="amqp://127.0.0.1:1/", SFSYNC_SWITCH_INTERVAL_MS="7.5")
+    finally:
+        sys.setswitchinterval(before)
+    assert (default.exit_code, chosen.exit_code) == (0, 0), default.output + chosen.output
+    assert seen == pytest.approx([0.020, 0.0075])
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1001", "fast"])
+def test_a_bad_switch_interval_stops_the_role_with_one_line(value: str) -> None:
+    result = run("worker", SFSYNC_BROKER_URL="amqp://127.0.0.1:1/", SFSYNC_SWITCH_INTERVAL_MS=value)
+    assert result.exit_code == EXIT_CONFIG
+    lines = [line for line in result.output.splitlines() if line.startswith("sfsync: SFSYNC_")]
+    assert len(lines) == 1 and lines[0].startswith("sfsync: SFSYNC_SWITCH_INTERVAL_MS:")
