@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NotRequired, TypeVar, cast
 from urllib.parse import quote, urlencode
 
 import httpx
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from adapters.http import (
     HttpApiClient,
@@ -19,6 +20,7 @@ from adapters.http import (
     parse_json,
     send_with_retry,
     server_text,
+    validated_page,
 )
 from domain.errors import ConfigError, PermanentError
 from domain.messages import MAX_ITEMS_PER_REQUEST, ProvisioningItem
@@ -34,6 +36,18 @@ CALL_GET_CUSTOMER = "GET sm customer"
 CALL_LIST_USERS = "GET sm users"
 CALL_SUBMIT = "POST sm provisioning-requests"
 CALL_GET_REQUEST = "GET sm provisioning-requests"
+
+_T = TypeVar("_T")
+
+
+class _UsersPage(TypedDict):
+    """A users page as the contract has it, for the one-pass fast path (`validated_page`)."""
+
+    items: list[SmUser]
+    next_cursor: NotRequired[str | None]
+
+
+_USERS_PAGE = TypeAdapter(_UsersPage)
 
 
 class ServicesManagerClient(HttpApiClient):
@@ -69,8 +83,12 @@ class ServicesManagerClient(HttpApiClient):
 
     def list_customers(self) -> Iterator[Customer]:
         """Every customer with ShareFile enabled, following next_cursor until it is null."""
-        for index, item in self._pages("/customers", call=CALL_LIST_CUSTOMERS, customer_id=None):
-            customer = self._customer(item, call=CALL_LIST_CUSTOMERS, index=index)
+        for customer in self._pages(
+            "/customers",
+            call=CALL_LIST_CUSTOMERS,
+            customer_id=None,
+            parse=lambda index, item: self._customer(item, call=CALL_LIST_CUSTOMERS, index=index),
+        ):
             if customer.sharefile_enabled:
                 yield customer
 
@@ -83,16 +101,21 @@ class ServicesManagerClient(HttpApiClient):
 
     def list_users(self, customer_id: str) -> Iterator[SmUser]:
         """The customer's users, one page at a time: a page is parsed, yielded and dropped."""
-        path = f"/customers/{_segment(customer_id)}/users"
-        for index, item in self._pages(path, call=CALL_LIST_USERS, customer_id=customer_id):
+
+        def parse(index: int, item: object) -> SmUser:
             try:
-                yield SM_USER.validate_python(item)
+                return SM_USER.validate_python(item)
             except ValidationError as exc:
                 raise malformed(
                     f"user #{index}: {_problems(exc)}",
                     call=CALL_LIST_USERS,
                     customer_id=customer_id,
                 ) from None
+
+        path = f"/customers/{_segment(customer_id)}/users"
+        yield from self._pages(
+            path, call=CALL_LIST_USERS, customer_id=customer_id, parse=parse, fast=_USERS_PAGE
+        )
 
     # -- provisioning requests ---------------------------------------------------------------
 
@@ -151,9 +174,20 @@ class ServicesManagerClient(HttpApiClient):
         return parse_json(response, call=call, customer_id=customer_id)
 
     def _pages(
-        self, path: str, *, call: str, customer_id: str | None
-    ) -> Iterator[tuple[int, object]]:
-        """(index, raw item) over every page of a list endpoint, holding one page at a time."""
+        self,
+        path: str,
+        *,
+        call: str,
+        customer_id: str | None,
+        parse: Callable[[int, object], _T],
+        fast: TypeAdapter[_UsersPage] | None = None,
+    ) -> Iterator[_T]:
+        """Every item of a list endpoint, `parse(index, raw item)`, holding one page at a time.
+
+        With `fast`, a page that validates as a whole in one pass is taken as it is (its items
+        are already what `parse` would return); any other page goes item by item through
+        `parse`, which says which item is wrong and how.
+        """
         url = f"{self._base}{path}"
         cursor: str | None = None
         seen_cursors: set[str] = set()
@@ -167,19 +201,14 @@ class ServicesManagerClient(HttpApiClient):
             # merges them in through two more URL parses, about 45 us, a sixth of a page's CPU.
             page_url = f"{url}?{urlencode(params)}"
             response = self._send("GET", page_url, call=call, customer_id=customer_id)
-            body = parse_json(response, call=call, customer_id=customer_id)
-            del response
-            if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-                raise malformed(
-                    "expected an object with an 'items' list", call=call, customer_id=customer_id
-                )
-            next_cursor = body.get("next_cursor")
-            if next_cursor is not None and not isinstance(next_cursor, str):
-                raise malformed(
-                    "'next_cursor' is neither a string nor null", call=call, customer_id=customer_id
-                )
-            items: list[object] = body["items"]
-            del body
+            page = validated_page(response, fast) if fast is not None else None
+            items: list[object]
+            if page is not None:
+                items, next_cursor = cast(list[object], page["items"]), page.get("next_cursor")
+            else:
+                items, next_cursor = self._raw_page(response, call=call, customer_id=customer_id)
+            page_validated = page is not None
+            del response, page
             page_number += 1
             _log.debug(
                 "%s for customer %s: page %d with %d items, more=%s",
@@ -191,7 +220,7 @@ class ServicesManagerClient(HttpApiClient):
             )
             for position in range(len(items)):
                 item, items[position] = items[position], None  # release each item once yielded
-                yield index, item
+                yield cast(_T, item) if page_validated else parse(index, item)
                 index += 1
             del items
             if next_cursor is None:
@@ -205,6 +234,23 @@ class ServicesManagerClient(HttpApiClient):
                 )
             seen_cursors.add(next_cursor)
             cursor = next_cursor
+
+    @staticmethod
+    def _raw_page(
+        response: httpx.Response, *, call: str, customer_id: str | None
+    ) -> tuple[list[object], str | None]:
+        """A list page's raw items and next cursor, its shape checked."""
+        body = parse_json(response, call=call, customer_id=customer_id)
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise malformed(
+                "expected an object with an 'items' list", call=call, customer_id=customer_id
+            )
+        next_cursor = body.get("next_cursor")
+        if next_cursor is not None and not isinstance(next_cursor, str):
+            raise malformed(
+                "'next_cursor' is neither a string nor null", call=call, customer_id=customer_id
+            )
+        return body["items"], next_cursor
 
     def _customer(
         self, raw: object, *, call: str, index: int | None, customer_id: str | None = None

@@ -8,11 +8,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired, cast
 from urllib.parse import urljoin
 
 import httpx
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from adapters.credentials import CredentialStore, ShareFileCredentials
 from adapters.http import (
@@ -24,6 +25,7 @@ from adapters.http import (
     parse_json,
     send_with_retry,
     server_text,
+    validated_page,
 )
 from domain.errors import PermanentError
 from domain.records import SHAREFILE_USER, Customer, SharefileUser
@@ -43,6 +45,21 @@ DEFAULT_TOKEN_LIFETIME_S = 3600.0
 # A subdomain becomes part of a host name (or a path in test templates): letters, digits, dashes.
 _SUBDOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _HOST_SUFFIX = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+# An OData page for the one-pass fast path (`validated_page`): the users validated, the count and
+# the next link taken as they are, for `_page` to check as it checks a page parsed the slow way.
+_ODataPage = TypedDict(
+    "_ODataPage",
+    {
+        "value": list[SharefileUser],
+        "odata.count": NotRequired[Any],
+        "@odata.count": NotRequired[Any],
+        "odata.nextLink": NotRequired[Any],
+        "@odata.nextLink": NotRequired[Any],
+    },
+)
+_ODATA_PAGE = TypeAdapter(_ODataPage)
 
 
 @dataclass(frozen=True)
@@ -135,7 +152,12 @@ class ODataFeed:
         while True:
             # The feed is the client's own helper: it may use the private page fetch.
             page = self._client._fetch_page(
-                customer_id, self._subdomain, url, resource=self._resource, call=self._call
+                customer_id,
+                self._subdomain,
+                url,
+                resource=self._resource,
+                call=self._call,
+                is_employee=self._is_employee,
             )
             page_number += 1
             if page_number == 1:
@@ -151,11 +173,15 @@ class ODataFeed:
             )
             items = page.items
             next_url = page.next_url
+            validated = page.validated
             del page
             for position in range(len(items)):
                 # Release each raw item as soon as it is parsed: only one page is ever held.
                 raw, items[position] = items[position], None
-                yield self._user(raw, index=self.received, page_number=page_number)
+                if validated:
+                    yield cast(SharefileUser, raw)
+                else:
+                    yield self._user(raw, index=self.received, page_number=page_number)
                 self.received += 1
             del items
             if next_url is None:
@@ -185,9 +211,8 @@ class ODataFeed:
                 customer_id=self._customer.id,
             )
         # The feed, not the item, says whether this is an employee; the dict is ours to change.
-        raw["is_employee"] = self._is_employee
         try:
-            return SHAREFILE_USER.validate_python(raw)
+            return SHAREFILE_USER.validate_python(raw, context={"is_employee": self._is_employee})
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'item'}: {err['msg']}"
@@ -205,6 +230,8 @@ class _Page:
     items: list[object]
     count: int | None
     next_url: str | None
+    # True when the items are SharefileUser records already (the fast path), not raw JSON.
+    validated: bool = False
 
 
 class ShareFileClient(HttpApiClient):
@@ -266,7 +293,14 @@ class ShareFileClient(HttpApiClient):
     # -- pages -------------------------------------------------------------------------------
 
     def _fetch_page(
-        self, customer_id: str, subdomain: str, url: str | None, *, resource: str, call: str
+        self,
+        customer_id: str,
+        subdomain: str,
+        url: str | None,
+        *,
+        resource: str,
+        call: str,
+        is_employee: bool,
     ) -> _Page:
         """One page of a feed: the first one (url None) or the page a nextLink points to."""
         account = self._account(subdomain, customer_id)
@@ -288,9 +322,15 @@ class ShareFileClient(HttpApiClient):
                     status=response.status_code,
                     code=code,
                 )
-        body = parse_json(response, call=call, customer_id=customer_id)
+        # The feed, not the item, says whether its users are employees (SharefileUser.is_employee).
+        fast = validated_page(response, _ODATA_PAGE, {"is_employee": is_employee})
+        body = (
+            fast if fast is not None else parse_json(response, call=call, customer_id=customer_id)
+        )
         del response
-        return self._page(body, page_url, token, call=call, customer_id=customer_id)
+        page = self._page(body, page_url, token, call=call, customer_id=customer_id)
+        page.validated = fast is not None
+        return page
 
     def _first_page_url(self, token: _Token, resource: str) -> str:
         return f"{urljoin(token.api_base, resource)}?$select={SELECTED_FIELDS}"

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationInfo,
 )
 from pydantic.dataclasses import dataclass
 
@@ -40,6 +41,18 @@ def _interned(value: str | None) -> str | None:
 
 
 Name = Annotated[str | None, AfterValidator(_interned)]
+
+
+def _feed_decides(value: bool, info: ValidationInfo) -> bool:
+    """Whether a ShareFile user is an employee is the feed's to say, never the record's.
+
+    A feed validates its records with the context {"is_employee": <Employees feed?>}, which wins
+    over any `is_employee` key a server might put in an item. Without that context (a record
+    built or read elsewhere) the value given stands.
+    """
+    feed = info.context.get("is_employee") if isinstance(info.context, dict) else None
+    return feed if isinstance(feed, bool) else value
+
 
 # Unknown fields (odata.type, url, Company, ...) are ignored: both APIs add fields over time.
 _RECORD_CONFIG = ConfigDict(extra="ignore", populate_by_name=True)
@@ -76,7 +89,7 @@ class SharefileUser:
         bool, _none_as(False), Field(validation_alias=AliasChoices("IsDisabled", "is_disabled"))
     ] = False
     # True when the record came from Accounts/Employees; a record from Accounts/Clients is not one.
-    is_employee: bool = True
+    is_employee: Annotated[bool, AfterValidator(_feed_decides), Field(validate_default=True)] = True
 
 
 class Customer(BaseModel):
