@@ -210,7 +210,9 @@ class ODataFeed:
                 call=self._call,
                 customer_id=self._customer.id,
             )
-        # The feed, not the item, says whether this is an employee (SharefileUser.is_employee).
+        # The feed, not the item, says whether this is an employee (SharefileUser.is_employee);
+        # the dict is ours to change, so a server's own is_employee key cannot even fail it.
+        raw["is_employee"] = self._is_employee
         try:
             return SHAREFILE_USER.validate_python(raw, context={"is_employee": self._is_employee})
         except ValidationError as exc:
