@@ -25,9 +25,11 @@ measurement starts from the same state:
     cycle alternate (N pairs); "/floor" is the median of the N pairs' ratios, each cycle over
     the floor measured just before it.
 
-Each process's CPU time during every measurement is recorded (workers, submitter, this process,
-the simulator, RabbitMQ) to show what bounds it. With --profile DIR, py-spy records every
-process of each cycle into DIR (collapsed stacks; slows the cycle: do not quote those timings).
+Each process's CPU time during every cycle is recorded (workers, submitter, this process, the
+simulator, RabbitMQ) to show what bounds it; during every floor, its loop's process and the
+simulator (a loop near 100 % of one core is bound by its HTTP client's CPU, not by the I/O).
+With --profile DIR, py-spy records every process of each cycle into DIR (collapsed stacks;
+slows the cycle: do not quote those timings).
 Usage: python bench/fleet_cycle.py [--customers 2000 10000] [--workers 1 2 4] [--concurrency 32]
        [--latency-ms 20] [--repeat 1] [--json PATH] [--profile DIR] [--amqp-url URL]
 """
@@ -373,8 +375,16 @@ def json_of(send: Callable[..., httpx.Response], url: str, **kwargs: Any) -> Any
     return FLOOR_RETRY.copy()(once)
 
 
-def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> float:
-    """Seconds to fetch every page the workers fetch, with a bare httpx loop and `threads`."""
+@dataclass
+class Floor:
+    seconds: float
+    # CPU seconds during the floor: "floor" is this process (the loop), "simulator" the APIs'.
+    cpu_s: dict[str, float]
+
+
+def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> Floor:
+    """Fetch every page the workers fetch, with a bare httpx loop and `threads`: its time, and
+    the CPU its own process and the simulator used meanwhile (is the floor waiting or busy?)."""
     with simulator(scenario, args.latency_ms) as sim:
         env = sim.env()
         sm_url, sm_auth = env["SFSYNC_SM_URL"], {"Authorization": f"Bearer {sim.sm_token}"}
@@ -407,12 +417,15 @@ def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> floa
                 while url:
                     url = json_of(http.get, url, headers=auth).get("odata.nextLink")
 
+            meter = CpuMeter({"floor": psutil.Process(), "simulator": psutil.Process(sim.pid)})
+            meter.start()
             started = time.perf_counter()
             customers = [item for page in pages(f"{sm_url}/customers") for item in page["items"]]
             enabled = [c for c in customers if c["sharefile"]["enabled"]]
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(fetch, enabled))
-            return time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            return Floor(seconds, meter.stop())
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -450,16 +463,29 @@ def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
         # Floor and cycle alternate, and each cycle is compared with the floor measured just
         # before it: a shared machine that slows down for a few minutes then slows both sides
         # of a pair, instead of only the block of floors or only the block of cycles.
-        runs: list[float] = []
+        measured_floors: list[Floor] = []
         measured: list[Cycle] = []
         for _ in range(args.repeat):
             print(f"  I/O floor, {threads} threads ...", file=sys.stderr)
-            runs.append(io_floor(args, scenario, threads))
+            measured_floors.append(io_floor(args, scenario, threads))
+            print(f"    {measured_floors[-1]}", file=sys.stderr)
             print(f"  cycle, {workers} worker(s) x {args.concurrency} threads ...", file=sys.stderr)
             measured.append(cycle(args, scenario, workers, args.profile))
             print(f"    {measured[-1]}", file=sys.stderr)
+        runs = [f.seconds for f in measured_floors]
         floor = statistics.median(runs)
-        floors.append({"workers": workers, "threads": threads, "seconds": floor, "runs": runs})
+        middle_floor = min(measured_floors, key=lambda f: abs(f.seconds - floor))
+        floors.append(
+            {
+                "workers": workers,
+                "threads": threads,
+                "seconds": floor,
+                "runs": runs,
+                # The floor whose time is the median: CPU of its loop's process and the simulator.
+                "cpu_s": middle_floor.cpu_s,
+                "cpu_runs": [f.cpu_s for f in measured_floors],
+            }
+        )
         ratios = [c.seconds / f for c, f in zip(measured, runs, strict=True)]
         seconds = statistics.median(c.seconds for c in measured)
         middle = min(measured, key=lambda c: abs(c.seconds - seconds))
@@ -526,11 +552,16 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
                 f"{run['workers']:>7} {run['per_customer_ms']:>11.2f} "
                 f"{run['per_1000_users_ms']:>11.1f}"
             )
-    print("\nCPU seconds per process during each cycle")
+    print("\nCPU seconds per process during each cycle and its floor (the median ones)")
     for fleet in results:
-        for run in fleet["cycles"]:
+        for run, floor in zip(fleet["cycles"], fleet["floors"], strict=True):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(run["cpu_s"].items()))
-            print(f"{fleet['fleet']['customers']:>9,} {run['workers']}w: {parts}")
+            print(f"{fleet['fleet']['customers']:>9,} {run['workers']}w cycle: {parts}")
+            loop = floor["cpu_s"].get("floor", 0.0)
+            print(
+                f"{'':>9} {'':>2} floor: loop {loop:.1f} ({100 * loop / floor['seconds']:.0f} % "
+                f"of one core), simulator {floor['cpu_s'].get('simulator', 0.0):.1f}"
+            )
 
 
 def main() -> int:
