@@ -56,7 +56,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import pika
@@ -443,6 +443,18 @@ def describe(scenario: Scenario) -> dict[str, Any]:
     }
 
 
+class _Timed(Protocol):
+    seconds: float
+
+
+_Run = TypeVar("_Run", bound=_Timed)
+
+
+def nearest(runs: list[_Run], seconds: float) -> _Run:
+    """The run whose time is nearest to `seconds` (the median run, for an odd count)."""
+    return min(runs, key=lambda run: abs(run.seconds - seconds))
+
+
 def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
     print(f"generating {customers:,} customers ...", file=sys.stderr)
     scenario = generate_fleet(
@@ -474,7 +486,7 @@ def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
             print(f"    {measured[-1]}", file=sys.stderr)
         runs = [f.seconds for f in measured_floors]
         floor = statistics.median(runs)
-        middle_floor = min(measured_floors, key=lambda f: abs(f.seconds - floor))
+        middle_floor = nearest(measured_floors, floor)
         floors.append(
             {
                 "workers": workers,
@@ -488,7 +500,7 @@ def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
         )
         ratios = [c.seconds / f for c, f in zip(measured, runs, strict=True)]
         seconds = statistics.median(c.seconds for c in measured)
-        middle = min(measured, key=lambda c: abs(c.seconds - seconds))
+        middle = nearest(measured, seconds)
         cycles.append(
             {
                 "workers": workers,
@@ -557,10 +569,10 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         for run, floor in zip(fleet["cycles"], fleet["floors"], strict=True):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(run["cpu_s"].items()))
             print(f"{fleet['fleet']['customers']:>9,} {run['workers']}w cycle: {parts}")
-            loop = floor["cpu_s"].get("floor", 0.0)
+            loop = floor["cpu_s"]["floor"]
             print(
                 f"{'':>9} {'':>2} floor: loop {loop:.1f} ({100 * loop / floor['seconds']:.0f} % "
-                f"of one core), simulator {floor['cpu_s'].get('simulator', 0.0):.1f}"
+                f"of one core), simulator {floor['cpu_s']['simulator']:.1f}"
             )
 
 
