@@ -28,6 +28,10 @@ measurement starts from the same state:
 Each process's CPU time during every cycle is recorded (workers, submitter, this process, the
 simulator, RabbitMQ) to show what bounds it; during every floor, its loop's process and the
 simulator (a loop near 100 % of one core is bound by its HTTP client's CPU, not by the I/O).
+The machine's speed is measured at the start and at the end of each fleet (a Python loop's CPU,
+and the client CPU of one loopback request): on this shared machine it changes from day to day and
+within the hour, and the goals with it. The table also gives each floor's own speed-up over the
+sequential baseline: what a cycle exactly as fast as its floor would reach.
 With --profile DIR, py-spy records every process of each cycle into DIR (collapsed stacks;
 slows the cycle: do not quote those timings).
 Usage: python bench/fleet_cycle.py [--customers 2000 10000] [--workers 1 2 4] [--concurrency 32]
@@ -428,6 +432,52 @@ def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> Floo
             return Floor(seconds, meter.stop())
 
 
+# -- the machine's speed at the time of the run --------------------------------------------------
+
+SPEED_LOOP = 10_000_000
+SPEED_REQUESTS = 2_000
+
+
+@dataclass
+class Speed:
+    """How fast this shared machine was at one moment: the fleet goals depend on it.
+
+    `python_loop_s`: CPU seconds of a loop of 10 million additions (pure interpreter speed).
+    `request_cpu_us`: this process's CPU per loopback GET through the product's client, one
+    thread, no added latency (system calls, wake-ups and the HTTP client: what the floor and the
+    workers spend most of their CPU on). Each is the median of three measurements.
+    """
+
+    python_loop_s: float
+    request_cpu_us: float
+
+
+def _python_loop_s() -> float:
+    started = time.process_time()
+    total = 0
+    for i in range(SPEED_LOOP):
+        total += i
+    assert total == SPEED_LOOP * (SPEED_LOOP - 1) // 2
+    return time.process_time() - started
+
+
+def machine_speed(scenario: Scenario) -> Speed:
+    loops = [_python_loop_s() for _ in range(3)]
+    customer = next(c for c in scenario.customers if c.sharefile_enabled)
+    with simulator(scenario, latency_ms=0) as sim:
+        url = f"{sim.env()['SFSYNC_SM_URL']}/customers/{customer.id}"
+        auth = {"Authorization": f"Bearer {sim.sm_token}"}
+        with new_http_client(timeout_s=60) as http:
+            http.get(url, headers=auth).raise_for_status()  # the connection is open
+            requests = []
+            for _ in range(3):
+                started = time.process_time()
+                for _ in range(SPEED_REQUESTS):
+                    http.get(url, headers=auth).raise_for_status()
+                requests.append((time.process_time() - started) / SPEED_REQUESTS * 1e6)
+    return Speed(statistics.median(loops), statistics.median(requests))
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -466,6 +516,9 @@ def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
     )
     fleet = describe(scenario)
     print(f"  {fleet}", file=sys.stderr)
+    print("  the machine's speed ...", file=sys.stderr)
+    speed_before = machine_speed(scenario)
+    print(f"    {speed_before}", file=sys.stderr)
     print("  sequential baseline ...", file=sys.stderr)
     seq = sequential(args, scenario)
     floors: list[dict[str, Any]] = []
@@ -493,6 +546,8 @@ def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
                 "threads": threads,
                 "seconds": floor,
                 "runs": runs,
+                # The speed-up of the bare loop itself over the sequential baseline.
+                "speedup_vs_sequential": seq.fleet_s / floor,
                 # The floor whose time is the median: CPU of its loop's process and the simulator.
                 "cpu_s": middle_floor.cpu_s,
                 "cpu_runs": [f.cpu_s for f in measured_floors],
@@ -517,8 +572,13 @@ def measure_fleet(args: argparse.Namespace, customers: int) -> dict[str, Any]:
                 "per_1000_users_ms": 1000 * seconds / fleet["users"] * 1000,
             }
         )
+    print("  the machine's speed ...", file=sys.stderr)
+    speed_after = machine_speed(scenario)
+    print(f"    {speed_after}", file=sys.stderr)
     return {
         "fleet": fleet,
+        # At the start and at the end of the fleet's measurements.
+        "machine_speed": [vars(speed_before), vars(speed_after)],
         "sequential": vars(seq),
         "floors": floors,
         "cycles": cycles,
@@ -532,7 +592,7 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
     )
     header = (
         f"{'customers':>9} {'workers':>7} {'cycle s':>8} {'end state':>9} {'sequential s':>14} "
-        f"{'speed-up':>8} {'floor s':>8} {'/floor':>6}"
+        f"{'speed-up':>8} {'floor s':>8} {'/floor':>6} {'floor speed-up':>14}"
     )
     print(header)
     for fleet in results:
@@ -543,10 +603,11 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
                 f"{fleet['fleet']['customers']:>9,} {run['workers']:>7} {run['seconds']:>8.1f} "
                 f"{'exact' if run['exact'] else 'MISMATCH':>9} {label:>14} "
                 f"{run['speedup_vs_sequential']:>7.1f}x {floor['seconds']:>8.1f} "
-                f"{run['vs_floor']:>5.2f}x"
+                f"{run['vs_floor']:>5.2f}x {floor['speedup_vs_sequential']:>13.1f}x"
             )
     print("goals: speed-up >= 20x over sequential, cycle <= 1.5x the I/O floor")
     print("/floor: the median of the ratios of each cycle to the floor measured just before it")
+    print("floor speed-up: the bare loop's own speed-up over sequential (a cycle at 1x its floor)")
     for fleet in results:
         seq = fleet["sequential"]
         if seq["mode"] == "sample":
@@ -555,6 +616,15 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
                 f"random sample of {seq['customers']} customers ({seq['per_customer_s'] * 1000:.0f}"
                 f" ms per customer)"
             )
+    print("\nthe machine's speed at the start / end of each fleet (the goals depend on it)")
+    for fleet in results:
+        before, after = fleet["machine_speed"]
+        print(
+            f"{fleet['fleet']['customers']:>9,}: Python loop of 10M additions "
+            f"{before['python_loop_s']:.2f} / {after['python_loop_s']:.2f} s of CPU; one loopback "
+            f"request {before['request_cpu_us']:.0f} / {after['request_cpu_us']:.0f} us of "
+            "client CPU"
+        )
     print("\nscaling: cost per customer and per 1,000 users")
     print(f"{'customers':>9} {'users':>9} {'workers':>7} {'ms/customer':>11} {'ms/1k users':>11}")
     for fleet in results:
