@@ -456,6 +456,9 @@ class AmqpBroker:
         return order
 
     def _on_connection_open(self, connection: SelectConnection) -> None:
+        if self._closing.is_set():
+            connection.close()  # close() came during the handshake (see _close_now)
+            return
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_error(self, connection: SelectConnection, error: BaseException) -> None:
@@ -465,7 +468,7 @@ class AmqpBroker:
             # at start-up that is a configuration error, said once and clearly.
             self._fatal = ConfigError(f"TLS with {self._url} failed: {tls_problem}")
             log.error("%s", self._fatal)
-        else:
+        elif not self._closing.is_set():
             log.warning("could not connect to %s: %s", self._url, tls_problem or _describe(error))
         connection.ioloop.stop()
 
@@ -680,10 +683,15 @@ class AmqpBroker:
 
     def _close_now(self) -> None:
         connection = self._connection
-        if connection is not None and connection.is_open:
-            connection.close()
-        elif connection is not None:
+        if connection is None or connection.is_closing:
+            return  # its close callback stops the loop
+        if connection.is_closed:
             connection.ioloop.stop()
+        elif connection.is_open or connection.connection_state == connection.CONNECTION_INIT:
+            connection.close()  # open, or still connecting: pika closes the socket
+        # Otherwise the AMQP handshake is under way, and pika 1.4.4 cannot abort it: close() (or
+        # its workflow's abort()) then ends this thread on an assertion and leaves the socket open.
+        # It ends by itself within HANDSHAKE_TIMEOUT_S, and a connection that opens is closed then.
 
 
 class _Batch:

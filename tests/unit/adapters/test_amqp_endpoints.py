@@ -5,14 +5,17 @@ No broker is needed: nodes that do not answer are local ports nobody listens on.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pika.exceptions
+import psutil  # type: ignore[import-untyped]
 import pytest
 from pika.adapters.utils.connection_workflow import (
     AMQPConnectionWorkflowFailed,
@@ -114,3 +117,67 @@ def test_tls_failures_are_recognised_however_pika_wraps_them() -> None:
     )
     assert _tls_problem(alert) == "the TLS handshake failed: tlsv13 alert certificate required"
     assert _tls_problem(pika.exceptions.AMQPConnectionError("connection refused")) is None
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    # Sockets left open are closed with the reference cycles pika makes, by the garbage collector:
+    # with it off, only an explicit close can end a connection.
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_closing_while_the_tcp_connect_is_pending_closes_the_socket(
+    no_gc: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full accept queue drops further SYNs on Linux, as a host that is down does: the broker's
+    # connect stays pending until start() gives up and closes it.
+    with socket.socket() as node:
+        node.bind(("127.0.0.1", 0))
+        node.listen(0)
+        port = node.getsockname()[1]
+        queued = [socket.socket() for _ in range(2)]
+        for client in queued:
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+        time.sleep(0.2)
+        broker = AmqpBroker([f"amqp://syn-test:unused@127.0.0.1:{port}/"], Topology())
+        with pytest.raises(TransientError, match="no RabbitMQ answered within 1s"):
+            broker.start(timeout_s=1)
+        assert broker._thread is not None and not broker._thread.is_alive()
+        ours = {c.getsockname() for c in queued}
+        to_node = [
+            c.laddr
+            for c in psutil.Process().net_connections("tcp4")
+            if c.raddr and c.raddr.port == port and tuple(c.laddr) not in ours
+        ]
+        for client in queued:
+            client.close()
+    assert to_node == []
+    assert "could not connect" not in caplog.text  # it was closed, not refused
+
+
+def test_closing_during_the_amqp_handshake_closes_the_socket_when_the_handshake_times_out(
+    no_gc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node that accepts the connection but never speaks AMQP. pika cannot abort its handshake
+    # (see AmqpBroker._close_now): close() waits for the handshake's own time-out, then the socket
+    # is closed and the I/O thread ends.
+    monkeypatch.setattr(amqp, "HANDSHAKE_TIMEOUT_S", 1.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(10)
+        url = f"amqp://silent-test:unused@127.0.0.1:{silent.getsockname()[1]}/"
+        broker = AmqpBroker([url], Topology())
+        with pytest.raises(TransientError, match="no RabbitMQ answered within 0s"):
+            broker.start(timeout_s=0.3)
+        assert broker._thread is not None and not broker._thread.is_alive()
+        accepted, _ = silent.accept()
+        with accepted:
+            accepted.settimeout(5)
+            received = b""
+            while chunk := accepted.recv(4096):  # the protocol header, then the end
+                received += chunk
+    assert received.startswith(b"AMQP")
