@@ -181,3 +181,21 @@ def test_closing_during_the_amqp_handshake_closes_the_socket_when_the_handshake_
             while chunk := accepted.recv(4096):  # the protocol header, then the end
                 received += chunk
     assert received.startswith(b"AMQP")
+
+
+def test_a_connection_that_opens_after_close_was_asked_is_closed_without_a_channel() -> None:
+    class Opened:
+        closed = False
+        channels = 0
+
+        def close(self) -> None:
+            self.closed = True
+
+        def channel(self, on_open_callback: object) -> None:
+            self.channels += 1
+
+    broker = AmqpBroker(["amqp://u:p@node1:5672/"], Topology())
+    broker._closing.set()  # what close() does first
+    connection = Opened()
+    broker._on_connection_open(connection)  # type: ignore[arg-type]
+    assert connection.closed and connection.channels == 0
