@@ -69,7 +69,12 @@ def reconcile(
         state = sm.state
         if state is provisioned:
             provisioned_before += 1
-        key = sm_user_key(sm)
+        # Most addresses are already some ShareFile user's key, and an ASCII string that is a key
+        # normalises to itself: found as it is, it needs no sm_user_key, whose normalise_email
+        # (twice per matched user) was half of reconcile's instructions.
+        email = sm.email
+        sf = find(email) if email is not None and email.isascii() else None
+        key = email if sf is not None else sm_user_key(sm)
         if key is None:
             if state is not SharefileState.NOT_PROVISIONED:
                 # Has (or may have) the service but cannot be matched: never guess, never remove.
@@ -77,7 +82,8 @@ def reconcile(
                     Skipped(reason=SkipReason.SM_USER_WITHOUT_EMAIL, user_id=sm.id, email=sm.email)
                 )
             continue
-        sf = find(key)
+        if sf is None:
+            sf = find(key)
         if sf is not None and sf.email == key:
             key = sf.email  # the same text: keep ShareFile's string object, not a second copy
         if key in sm_first:

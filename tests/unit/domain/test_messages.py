@@ -13,11 +13,13 @@ from uuid import UUID
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from domain.errors import InvalidMessage, PermanentError
 from domain.messages import (
     MAX_ITEMS_PER_REQUEST,
     PAYLOAD_TYPES,
+    REPORT_TYPES,
     SCHEMA_VERSION,
     Payload,
     ProvisioningCompleted,
@@ -495,6 +497,56 @@ def test_report_payload_of_a_held_sync_is_sync_held() -> None:
     assert type(payload) is SyncHeld
     assert payload.message_type == "sync.held"
     assert [r.code for r in payload.hold_reasons] == [HoldCode.SOURCE_EMPTY]
+
+
+def _report_with_every_kind_of_entry(*, held: bool) -> SyncReport:
+    """A report whose every list has an entry: provision, removals (done or held), in-flight
+    requests, skips, conflicts and unmatched ShareFile users."""
+    sm_users = [
+        SmUser(id="new", state=SharefileState.NOT_PROVISIONED, email="new@acme.example"),
+        SmUser(id="gone", state=SharefileState.PROVISIONED, email="gone@acme.example"),
+        SmUser(id="busy", state=SharefileState.PROVISIONING, email="busy@acme.example"),
+        SmUser(
+            id="off", state=SharefileState.NOT_PROVISIONED, email="off@acme.example", enabled=False
+        ),
+        SmUser(id="anon", state=SharefileState.PROVISIONED, email=None),
+        SmUser(id="twin-1", state=SharefileState.PROVISIONED, email="twin@acme.example"),
+        SmUser(id="twin-2", state=SharefileState.NOT_PROVISIONED, email="twin@acme.example"),
+    ]
+    sharefile_users = [
+        SharefileUser(id=f"sf-{name}", email=f"{name}@acme.example", first_name="A", last_name="B")
+        for name in ("new", "busy", "off", "twin", "stray")
+    ]
+    policy = Policy(guard=SafetyGuard(max_deprovision=0)) if held else Policy()
+    plan = reconcile(sm_users, sharefile_users, policy, customer_id="cust-1")
+    assert plan.is_held is held
+    return SyncReport.from_plan(
+        plan, customer_id="cust-1", run_id="run-1", dry_run=False, request_ids=("req-1",)
+    )
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["completed", "held"])
+def test_report_payload_carries_the_report_unchanged(held: bool) -> None:
+    report = _report_with_every_kind_of_entry(held=held)
+    lists = ["provision", "unmatched", "conflicts", "pending", "skipped"]
+    lists += ["held", "hold_reasons"] if held else ["deprovision"]
+    assert all(getattr(report, name) for name in lists)
+
+    payload = report_payload(report)
+
+    # The same payload, to the byte, as rebuilding it from the report's dump would give.
+    rebuilt = REPORT_TYPES[report.outcome].model_validate(report.model_dump())
+    assert payload == rebuilt
+    assert payload.model_dump_json() == rebuilt.model_dump_json()
+    assert payload.model_dump() == report.model_dump()
+
+
+def test_report_payload_checks_the_customer_id_the_wire_allows() -> None:
+    # A SyncReport takes any text; the message that carries it obeys the wire's id alphabet.
+    report = SyncReport.failure(customer_id="not an id", run_id="r", dry_run=False, error="x")
+
+    with pytest.raises(ValidationError, match="customer_id"):
+        report_payload(report)
 
 
 def test_report_payload_of_a_failed_sync_is_sync_failed() -> None:
