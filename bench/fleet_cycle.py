@@ -386,50 +386,68 @@ class Floor:
     cpu_s: dict[str, float]
 
 
+class PageFetcher:
+    """What the floor does for one customer: fetch every page a worker fetches, with a bare
+    httpx client (JSON decoded, nothing parsed into users, nothing reconciled or published):
+    the customer, its Services Manager user pages, a ShareFile token and the employee pages
+    with the same $select."""
+
+    def __init__(self, http: httpx.Client, env: dict[str, str], sm_token: str) -> None:
+        self.http = http
+        self.sm_url = env["SFSYNC_SM_URL"]
+        self.sm_auth = {"Authorization": f"Bearer {sm_token}"}
+        self.token_url = env["SFSYNC_SHAREFILE_TOKEN_URL_TEMPLATE"]
+        self.api_url = env["SFSYNC_SHAREFILE_API_URL_TEMPLATE"]
+        self.page_size = settings_of(env).sm_page_size
+
+    def pages(self, url: str) -> Iterator[dict[str, Any]]:
+        cursor = None
+        while True:
+            params = {"limit": self.page_size, **({"cursor": cursor} if cursor else {})}
+            page = json_of(self.http.get, url, params=params, headers=self.sm_auth)
+            yield page
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def enabled_customers(self) -> list[dict[str, Any]]:
+        customers = [
+            item for page in self.pages(f"{self.sm_url}/customers") for item in page["items"]
+        ]
+        return [c for c in customers if c["sharefile"]["enabled"]]
+
+    def fetch(self, customer: dict[str, Any]) -> None:
+        http, sm_url = self.http, self.sm_url
+        subdomain = customer["sharefile"]["subdomain"]
+        json_of(http.get, f"{sm_url}/customers/{customer['id']}", headers=self.sm_auth)
+        for _ in self.pages(f"{sm_url}/customers/{customer['id']}/users"):
+            pass
+        form = {"grant_type": "password", **CREDENTIALS}
+        token = json_of(http.post, self.token_url.format(subdomain=subdomain), data=form)
+        auth = {"Authorization": f"Bearer {token['access_token']}"}
+        url: str | None = (
+            f"{self.api_url.format(subdomain=subdomain)}Accounts/Employees?$select={SELECT}"
+        )
+        while url:
+            url = json_of(http.get, url, headers=auth).get("odata.nextLink")
+
+
 def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> Floor:
     """Fetch every page the workers fetch, with a bare httpx loop and `threads`: its time, and
     the CPU its own process and the simulator used meanwhile (is the floor waiting or busy?)."""
-    with simulator(scenario, args.latency_ms) as sim:
-        env = sim.env()
-        sm_url, sm_auth = env["SFSYNC_SM_URL"], {"Authorization": f"Bearer {sim.sm_token}"}
-        token_url = env["SFSYNC_SHAREFILE_TOKEN_URL_TEMPLATE"]
-        api_url = env["SFSYNC_SHAREFILE_API_URL_TEMPLATE"]
-        page_size = settings_of(env).sm_page_size
-        with new_http_client(timeout_s=60, max_connections=max(100, threads * 2)) as http:
-
-            def pages(url: str) -> Iterator[dict[str, Any]]:
-                cursor = None
-                while True:
-                    params = {"limit": page_size, **({"cursor": cursor} if cursor else {})}
-                    page = json_of(http.get, url, params=params, headers=sm_auth)
-                    yield page
-                    cursor = page.get("next_cursor")
-                    if not cursor:
-                        return
-
-            def fetch(customer: dict[str, Any]) -> None:
-                subdomain = customer["sharefile"]["subdomain"]
-                json_of(http.get, f"{sm_url}/customers/{customer['id']}", headers=sm_auth)
-                for _ in pages(f"{sm_url}/customers/{customer['id']}/users"):
-                    pass
-                form = {"grant_type": "password", **CREDENTIALS}
-                token = json_of(http.post, token_url.format(subdomain=subdomain), data=form)
-                auth = {"Authorization": f"Bearer {token['access_token']}"}
-                url: str | None = (
-                    f"{api_url.format(subdomain=subdomain)}Accounts/Employees?$select={SELECT}"
-                )
-                while url:
-                    url = json_of(http.get, url, headers=auth).get("odata.nextLink")
-
-            meter = CpuMeter({"floor": psutil.Process(), "simulator": psutil.Process(sim.pid)})
-            meter.start()
-            started = time.perf_counter()
-            customers = [item for page in pages(f"{sm_url}/customers") for item in page["items"]]
-            enabled = [c for c in customers if c["sharefile"]["enabled"]]
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(fetch, enabled))
-            seconds = time.perf_counter() - started
-            return Floor(seconds, meter.stop())
+    with (
+        simulator(scenario, args.latency_ms) as sim,
+        new_http_client(timeout_s=60, max_connections=max(100, threads * 2)) as http,
+    ):
+        fetcher = PageFetcher(http, sim.env(), sim.sm_token)
+        meter = CpuMeter({"floor": psutil.Process(), "simulator": psutil.Process(sim.pid)})
+        meter.start()
+        started = time.perf_counter()
+        enabled = fetcher.enabled_customers()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fetcher.fetch, enabled))
+        seconds = time.perf_counter() - started
+        return Floor(seconds, meter.stop())
 
 
 # -- the machine's speed at the time of the run --------------------------------------------------

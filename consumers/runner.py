@@ -371,5 +371,10 @@ def default_headroom(concurrency: int) -> int:
     14 ms at the median, 37 ms at p90 and 65 ms at p99, against about 120 ms of handling: with a
     quarter (8) as headroom, the threads waited for a delivery 6-12 % of their time; with as many
     again (32), 1-2 %. A slower API only lengthens the handling, so the headroom stays enough.
+    On a slower day (2026-11-29) the same worker's pika thread waited longer for the GIL: 42-80 ms
+    at the median from a publish to its turn on that thread and 86-151 ms to its confirm, and the
+    threads waited for a delivery 16-22 % of their time. Four times the headroom cut that wait to
+    6.5-9 % but not the cycle (4 rounds alternating: 18.0 against 17.3 s at the median, within the
+    machine's noise), as the process's one GIL, not the deliveries, bounds it (docs/performance.md).
     """
     return max(1, concurrency)
