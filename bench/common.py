@@ -1,8 +1,16 @@
-"""What the benchmark scripts share: their own peak memory, and cleaning up a bench topology."""
+"""What the benchmark scripts share: their own peak memory, cleaning up a bench topology, and
+writing a run's results."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pika
 
@@ -30,3 +38,17 @@ def delete_topology(amqp_url: str, topology: Topology) -> None:
         connection.channel().exchange_delete(topology.exchange)
     finally:
         connection.close()
+
+
+def write_results(path: Path, benchmark: str, args: argparse.Namespace, **results: Any) -> None:
+    """Write one run's results as JSON, with when, where and how it was measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": benchmark,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": " ".join(["python", f"bench/{benchmark}.py", *sys.argv[1:]]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **results,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")

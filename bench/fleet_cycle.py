@@ -44,7 +44,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import random
 import re
 import signal
@@ -58,14 +57,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx
 import pika
 import psutil  # type: ignore[import-untyped]
-from common import delete_topology
+from common import delete_topology, write_results
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 import sfsync.audit  # noqa: F401 - imported here, not inside the first timed sync_once
@@ -691,16 +689,7 @@ def main() -> int:
     results = [measure_fleet(args, customers) for customers in args.customers]
     print_tables(args, results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {
-            "benchmark": "fleet_cycle",
-            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "command": " ".join(["python", "bench/fleet_cycle.py", *sys.argv[1:]]),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "fleets": results,
-        }
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        write_results(args.json, "fleet_cycle", args, fleets=results)
     return 0
 
 

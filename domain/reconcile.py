@@ -69,12 +69,17 @@ def reconcile(
         state = sm.state
         if state is provisioned:
             provisioned_before += 1
-        # Most addresses are already some ShareFile user's key, and an ASCII string that is a key
-        # normalises to itself: found as it is, it needs no sm_user_key, whose normalise_email
-        # (twice per matched user) was half of reconcile's instructions.
+        # An address is often already some ShareFile user's key, and an ASCII string that is a
+        # key normalises to itself: found as it is, it needs no sm_user_key, whose
+        # normalise_email (twice per matched user) was half of reconcile's instructions. The
+        # lookup comes first: an address not found as it is costs one dict miss more.
         email = sm.email
-        sf = find(email) if email is not None and email.isascii() else None
-        key = email if sf is not None else sm_user_key(sm)
+        key: str | None
+        if email is not None and (sf := find(email)) is not None and email.isascii():
+            key = email
+        else:
+            sf = None
+            key = sm_user_key(sm)
         if key is None:
             if state is not SharefileState.NOT_PROVISIONED:
                 # Has (or may have) the service but cannot be matched: never guess, never remove.

@@ -420,32 +420,6 @@ def test_normalised_addresses_match_across_sides(sm_email: str, sf_email: str) -
     assert plan.unmatched == ()
 
 
-def test_an_address_already_normalised_and_one_that_is_not_share_a_key() -> None:
-    # "ann@acme.example" is found in ShareFile's index as it is; "ANN@acme.example " has to be
-    # normalised first. Both are the same key: a conflict, not one match and one stranger.
-    plan = plan_for(
-        [
-            sm("u-1", "ann@acme.example", PROVISIONED),
-            sm("u-2", "ANN@acme.example ", PROVISIONED),
-            sm("u-3", "bob@acme.example"),
-        ],
-        [sf("sf-1", "Ann@Acme.example"), sf("sf-2", "bob@acme.example")],
-    )
-
-    [conflict] = plan.conflicts
-    assert conflict.match_key == "ann@acme.example"
-    assert conflict.sm_user_ids == ("u-1", "u-2")
-    assert conflict.sharefile_user_ids == ("sf-1",)
-    item = only(plan.provision)
-    assert (item.user_id, item.match_key, item.email) == (
-        "u-3",
-        "bob@acme.example",
-        "bob@acme.example",
-    )
-    assert plan.deprovision == ()
-    assert plan.unmatched == ()
-
-
 def test_employee_without_sm_user_is_reported_unmatched() -> None:
     employee = SharefileUser(
         id="sf-1", email="Ann@Acme.example", first_name="Ann", last_name="Lee", is_disabled=True
