@@ -64,15 +64,35 @@ def redact_database_url(url: str) -> str:
 # The Table objects describe the latest schema version and are what queries use. Shipped migration
 # steps never change: a new column or table is a new step below, and these definitions follow it.
 
+
+class _Bounded(sa.TypeDecorator[str]):
+    """VARCHAR(n) that cuts a longer text to fit, marked with "…", where SQLite would keep it and
+    PostgreSQL would refuse the row, and with it the whole event: one odd e-mail address must not
+    lose a run's report from the audit trail (the event's full text stays in audit_events.body).
+    Query parameters compared with such a column are cut the same way, so they still match."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        if value is not None and len(value) > self.length:
+            return value[: self.length - 1] + "…"
+        return value
+
+
 metadata = sa.MetaData()
-_ID = sa.String(128)
+_ID = _Bounded(128)
 _WHEN = sa.DateTime(timezone=True)
 
 schema_version = sa.Table(
     "schema_version",
     metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("description", _Bounded(200), nullable=False),
     sa.Column("applied_at", _WHEN, nullable=False),
 )
 
@@ -80,8 +100,8 @@ schema_version = sa.Table(
 events = sa.Table(
     "audit_events",
     metadata,
-    sa.Column("message_id", sa.String(64), primary_key=True),
-    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("message_id", _Bounded(64), primary_key=True),
+    sa.Column("type", _Bounded(64), nullable=False),
     sa.Column("correlation_id", _ID, nullable=False),
     sa.Column("customer_id", _ID),
     sa.Column("occurred_at", _WHEN, nullable=False),
@@ -93,12 +113,12 @@ events = sa.Table(
 commands = sa.Table(
     "audit_commands",
     metadata,
-    sa.Column("message_id", sa.String(64), sa.ForeignKey(events.c.message_id), primary_key=True),
-    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("message_id", _Bounded(64), sa.ForeignKey(events.c.message_id), primary_key=True),
+    sa.Column("type", _Bounded(64), nullable=False),
     sa.Column("customer_id", _ID, nullable=False),
     sa.Column("run_id", _ID, nullable=False),
-    sa.Column("reason", sa.String(500)),
-    sa.Column("source", sa.String(200)),
+    sa.Column("reason", _Bounded(500)),
+    sa.Column("source", _Bounded(200)),
     sa.Column("dry_run", sa.Boolean, nullable=False),
     sa.Column("approved_plan_id", _ID),
     sa.Column("occurred_at", _WHEN, nullable=False),
@@ -108,10 +128,10 @@ commands = sa.Table(
 reports = sa.Table(
     "audit_reports",
     metadata,
-    sa.Column("message_id", sa.String(64), sa.ForeignKey(events.c.message_id), primary_key=True),
+    sa.Column("message_id", _Bounded(64), sa.ForeignKey(events.c.message_id), primary_key=True),
     sa.Column("customer_id", _ID, nullable=False),
     sa.Column("run_id", _ID, nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("outcome", _Bounded(16), nullable=False),
     sa.Column("dry_run", sa.Boolean, nullable=False),
     sa.Column("plan_id", _ID),
     sa.Column("approved", sa.Boolean, nullable=False),
@@ -130,23 +150,23 @@ report_items = sa.Table(
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
     sa.Column(
         "report_message_id",
-        sa.String(64),
+        _Bounded(64),
         sa.ForeignKey(reports.c.message_id),
         nullable=False,
     ),
     sa.Column("customer_id", _ID, nullable=False),
     sa.Column("run_id", _ID, nullable=False),
-    sa.Column("category", sa.String(16), nullable=False),
-    sa.Column("action", sa.String(16)),
-    sa.Column("user_id", sa.String(256)),
-    sa.Column("email", sa.String(320)),
+    sa.Column("category", _Bounded(16), nullable=False),
+    sa.Column("action", _Bounded(16)),
+    sa.Column("user_id", _Bounded(256)),
+    sa.Column("email", _Bounded(320)),
     # normalise_email(email): `why` finds a user by any spelling of the address.
-    sa.Column("email_key", sa.String(320)),
-    sa.Column("rule", sa.String(64)),
-    sa.Column("match_key", sa.String(320)),
-    sa.Column("sm_state", sa.String(32)),
-    sa.Column("sharefile_user_id", sa.String(256)),
-    sa.Column("detail", sa.String(500)),
+    sa.Column("email_key", _Bounded(320)),
+    sa.Column("rule", _Bounded(64)),
+    sa.Column("match_key", _Bounded(320)),
+    sa.Column("sm_state", _Bounded(32)),
+    sa.Column("sharefile_user_id", _Bounded(256)),
+    sa.Column("detail", _Bounded(500)),
     sa.Index("ix_audit_items_user", "customer_id", "user_id"),
     sa.Index("ix_audit_items_email", "customer_id", "email_key"),
     sa.Index("ix_audit_items_match", "customer_id", "match_key"),
@@ -159,7 +179,7 @@ requests = sa.Table(
     "audit_requests",
     metadata,
     sa.Column("request_id", _ID, primary_key=True),
-    sa.Column("message_id", sa.String(64), sa.ForeignKey(events.c.message_id), nullable=False),
+    sa.Column("message_id", _Bounded(64), sa.ForeignKey(events.c.message_id), nullable=False),
     sa.Column("customer_id", _ID, nullable=False),
     sa.Column("run_id", _ID, nullable=False),
     sa.Column("part", sa.Integer, nullable=False),
@@ -172,21 +192,21 @@ request_items = sa.Table(
     "audit_request_items",
     metadata,
     sa.Column("request_id", _ID, sa.ForeignKey(requests.c.request_id), primary_key=True),
-    sa.Column("user_id", sa.String(256), primary_key=True),
-    sa.Column("action", sa.String(16), primary_key=True),
+    sa.Column("user_id", _Bounded(256), primary_key=True),
+    sa.Column("action", _Bounded(16), primary_key=True),
     sa.Column("position", sa.Integer, nullable=False),
-    sa.Column("email", sa.String(320)),
-    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("email", _Bounded(320)),
+    sa.Column("rule", _Bounded(64), nullable=False),
 )
 
 answers = sa.Table(
     "audit_answers",
     metadata,
-    sa.Column("message_id", sa.String(64), sa.ForeignKey(events.c.message_id), primary_key=True),
+    sa.Column("message_id", _Bounded(64), sa.ForeignKey(events.c.message_id), primary_key=True),
     sa.Column("request_id", _ID, nullable=False),
     sa.Column("customer_id", _ID, nullable=False),
     sa.Column("run_id", _ID, nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),  # completed | failed
+    sa.Column("outcome", _Bounded(16), nullable=False),  # completed | failed
     sa.Column("replayed", sa.Boolean, nullable=False),
     sa.Column("error", sa.Text),
     sa.Column("occurred_at", _WHEN, nullable=False),
@@ -197,13 +217,13 @@ answer_items = sa.Table(
     "audit_answer_items",
     metadata,
     sa.Column(
-        "answer_message_id", sa.String(64), sa.ForeignKey(answers.c.message_id), primary_key=True
+        "answer_message_id", _Bounded(64), sa.ForeignKey(answers.c.message_id), primary_key=True
     ),
-    sa.Column("user_id", sa.String(256), primary_key=True),
-    sa.Column("action", sa.String(16), primary_key=True),
+    sa.Column("user_id", _Bounded(256), primary_key=True),
+    sa.Column("action", _Bounded(16), primary_key=True),
     sa.Column("request_id", _ID, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),  # accepted | rejected | failed
-    sa.Column("error_code", sa.String(128)),
+    sa.Column("status", _Bounded(16), nullable=False),  # accepted | rejected | failed
+    sa.Column("error_code", _Bounded(128)),
     sa.Column("error_message", sa.Text),
     sa.Index("ix_audit_answer_items_request", "request_id", "user_id"),
 )
@@ -212,12 +232,12 @@ answer_items = sa.Table(
 approvals = sa.Table(
     "audit_approvals",
     metadata,
-    sa.Column("command_message_id", sa.String(64), primary_key=True),
+    sa.Column("command_message_id", _Bounded(64), primary_key=True),
     sa.Column("plan_id", _ID, nullable=False),
     sa.Column("customer_id", _ID, nullable=False),
     sa.Column("run_id", _ID, nullable=False),
-    sa.Column("approver", sa.String(200), nullable=False),
-    sa.Column("reason", sa.String(1000)),
+    sa.Column("approver", _Bounded(200), nullable=False),
+    sa.Column("reason", _Bounded(1000)),
     sa.Column("approved_at", _WHEN, nullable=False),
     sa.Index("ix_audit_approvals_plan", "plan_id"),
 )
@@ -922,8 +942,6 @@ def _row(
         email=email,
         email_key=normalise_email(email),
     )
-    if row["detail"] is not None:
-        row["detail"] = str(row["detail"])[:500]
     return row
 
 

@@ -116,12 +116,19 @@ class HeldPlan:
     latest: ReportRecord | None = None
 
 
-def latest_per_run(reports: Iterable[ReportRecord]) -> list[ReportRecord]:
-    """One report per (customer, run): a redelivered command reports twice; the last one counts."""
-    chosen: dict[tuple[str, str], ReportRecord] = {}
+def one_per_plan(reports: Iterable[ReportRecord]) -> list[ReportRecord]:
+    """The reports that say something new, oldest first: one per customer, run and plan.
+
+    A redelivered command reports again. If it planned the same, its report repeats the first one
+    (the last one is kept). If it planned differently, its first handling's requests had usually
+    changed Services Manager already: both plans were decided, and both are kept, so that a
+    removal sent by the first stays on record. A failed handling (no plan) counts once per run.
+    """
+    chosen: dict[tuple[str, str, str | None], ReportRecord] = {}
     for report in sorted(reports, key=_report_order):
-        chosen[(report.customer_id, report.run_id)] = report
-    return sorted(chosen.values(), key=_report_order)
+        chosen.pop((report.customer_id, report.run_id, report.plan_id), None)
+        chosen[(report.customer_id, report.run_id, report.plan_id)] = report
+    return list(chosen.values())
 
 
 def held_plans(
@@ -132,7 +139,7 @@ def held_plans(
     Only reports with a plan count (a failed run says nothing about the plan); the customer's
     latest such report decides whether a held plan was superseded.
     """
-    planned = [r for r in latest_per_run(reports) if r.plan_id is not None]
+    planned = [r for r in one_per_plan(reports) if r.plan_id is not None]
     by_plan: dict[str, list[ApprovalRecord]] = {}
     for approval in sorted(approvals, key=lambda a: a.approved_at):
         by_plan.setdefault(approval.plan_id, []).append(approval)
@@ -148,8 +155,9 @@ def held_plans(
     for plan_id, held in holds.items():
         first, last = held[0], held[-1]
         newest = latest[first.customer_id]
+        # A dry run with the approval only showed what it would send: it released nothing.
         released = any(
-            r.plan_id == plan_id and r.approved and r.outcome != "held"
+            r.plan_id == plan_id and r.approved and not r.dry_run and r.outcome != "held"
             for r in planned
             if r.customer_id == first.customer_id
         )

@@ -63,13 +63,13 @@ def why(customer: str, user: str, fmt: str) -> None:
 
     Exits 1 when the audit trail has nothing about this user.
     """
-    from domain.audit import Category, Decision, best_answer, latest_per_run
+    from domain.audit import Category, Decision, best_answer, one_per_plan
 
     settings = _settings()
     with _audit_store(settings) as store, _errors_as_exit():
         assert store is not None
         items = store.items_of_user(customer, user)
-        current = {r.message_id: r for r in latest_per_run(store.reports(customer_id=customer))}
+        current = {r.message_id: r for r in one_per_plan(store.reports(customer_id=customer))}
         items = [i for i in items if i.report_message_id in current]
         if not items:
             _fail(
@@ -227,7 +227,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
 )
 def report_command(customer: str | None, run_id: str | None, fmt: str, limit: int) -> None:
     """List runs per customer with their counts, or (csv) every item requested from SM."""
-    from domain.audit import latest_per_run
+    from domain.audit import ReportRecord, one_per_plan
 
     settings = _settings()
     with _audit_store(settings) as store, _errors_as_exit():
@@ -235,7 +235,7 @@ def report_command(customer: str | None, run_id: str | None, fmt: str, limit: in
         if fmt == "csv":
             _write_csv(store.requested_items(customer_id=customer, run_id=run_id))
             return
-        rows = latest_per_run(store.reports(customer_id=customer, run_id=run_id))
+        rows = one_per_plan(store.reports(customer_id=customer, run_id=run_id))
         if limit > 0:
             newest = list(dict.fromkeys(r.run_id for r in reversed(rows)))[:limit]
             rows = [r for r in rows if r.run_id in set(newest)]
@@ -245,6 +245,14 @@ def report_command(customer: str | None, run_id: str | None, fmt: str, limit: in
             if item.run_id in runs:
                 tally = answered.setdefault((item.customer_id, item.run_id), {})
                 tally[item.status] = tally.get(item.status, 0) + 1
+    # A run planned twice (a redelivered command) has a row per plan; its answers go on the last.
+    last_of_run = {(r.customer_id, r.run_id): r.message_id for r in rows}
+
+    def answers_of(r: ReportRecord) -> dict[str, int]:
+        if last_of_run[(r.customer_id, r.run_id)] != r.message_id:
+            return {}
+        return answered.get((r.customer_id, r.run_id), {})
+
     if fmt == "json":
         document = [
             {
@@ -258,7 +266,7 @@ def report_command(customer: str | None, run_id: str | None, fmt: str, limit: in
                 "counts": r.counts,
                 "hold_reasons": [h.model_dump(mode="json") for h in r.hold_reasons],
                 "error": r.error,
-                "answers": answered.get((r.customer_id, r.run_id), {}),
+                "answers": answers_of(r),
             }
             for r in rows
         ]
@@ -278,7 +286,7 @@ def report_command(customer: str | None, run_id: str | None, fmt: str, limit: in
             min_width=max(len(r.run_id) for r in rows) if column == "run" else None,
         )
     for r in rows:
-        tally = answered.get((r.customer_id, r.run_id), {})
+        tally = answers_of(r)
         table.add_row(
             r.run_id,
             r.customer_id,

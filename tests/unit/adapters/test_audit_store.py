@@ -30,7 +30,7 @@ from domain.messages import (
     SyncRequested,
     report_payload,
 )
-from domain.plan import Action, Conflict, PlanItem, Rule, Unmatched
+from domain.plan import Action, Conflict, PlanItem, Rule, Skipped, SkipReason, Unmatched
 from domain.policy import HoldCode, HoldReason
 from domain.records import ItemResult, SharefileState
 from domain.report import Outcome, SyncReport
@@ -317,6 +317,31 @@ def test_a_user_is_found_by_sharefile_id_and_in_unmatched_and_conflict_lines(
     assert len(store.items_of_user("cust-1", "twin@example.com")) == 3
     assert store.items_of_user("cust-1", "nobody@example.com") == []
     assert store.items_of_user("cust-2", "u-1") == []
+
+
+def test_over_long_texts_are_cut_to_fit_and_the_event_is_kept(store: AuditStore) -> None:
+    # Nothing bounds what Services Manager or ShareFile send; PostgreSQL would refuse the row
+    # (and with it the whole report) where SQLite keeps it.
+    email = "x" * 400 + "@Example.com"
+    long_id = "u-" + "9" * 300
+    report = SyncReport(
+        customer_id="cust-1",
+        run_id="run-1",
+        outcome=Outcome.COMPLETED,
+        plan_id="plan-a",
+        counts={"deprovision": 1},
+        deprovision=(removal(long_id, email),),
+        skipped=(Skipped(reason=SkipReason.SM_USER_WITHOUT_EMAIL, user_id="u-3", email=" " * 600),),
+    )
+    assert store.record(STAMP(report_payload(report), correlation_id="run-1"))
+
+    [item] = store.items_of_user("cust-1", email.upper())  # the full address still finds it
+    assert item.user_id is not None and item.email is not None and item.match_key is not None
+    assert (len(item.user_id), len(item.email), len(item.match_key)) == (256, 320, 320)
+    assert item.email == email[:319] + "…" and item.user_id.endswith("…")
+    assert [i.user_id for i in store.items_of_user("cust-1", long_id)] == [item.user_id]
+    [full] = store.reports(customer_id="cust-1")
+    assert full.counts == {"deprovision": 1}
 
 
 def test_requested_items_carry_the_answer_of_services_manager(store: AuditStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from domain.audit import (
@@ -11,7 +12,7 @@ from domain.audit import (
     ReportRecord,
     best_answer,
     held_plans,
-    latest_per_run,
+    one_per_plan,
 )
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -93,10 +94,28 @@ def test_another_customers_runs_do_not_touch_a_plan() -> None:
     assert status_of("p1", reports) is HeldStatus.OPEN
 
 
-def test_a_redelivered_command_counts_once_per_run_and_the_last_report_wins() -> None:
-    first = report(1, "held", "p1", run="run-a")
-    again = report(2, "completed", "p0", run="run-a")
-    assert latest_per_run([again, first]) == [again]
+def test_a_redelivered_command_that_planned_the_same_counts_once_and_its_last_report_wins() -> None:
+    first = report(1, "completed", "p1", run="run-a")
+    again = report(2, "completed", "p1", run="run-a")
+    other = report(3, "completed", "p9", run="run-b")
+    assert one_per_plan([other, again, first]) == [again, other]
+
+
+def test_a_redelivered_command_that_planned_anew_keeps_both_plans_on_record() -> None:
+    # The first handling's requests went out and changed Services Manager: the re-plan differs,
+    # and the first plan (the one whose removals were sent) must not disappear behind it.
+    sent = report(1, "completed", "p1", run="run-a")
+    replanned = report(2, "completed", "p2", run="run-a")
+    failed = report(3, "failed", None, run="run-a")
+    failed_again = report(4, "failed", None, run="run-a")
+    assert one_per_plan([failed_again, replanned, failed, sent]) == [sent, replanned, failed_again]
+
+
+def test_a_dry_run_with_the_approval_releases_nothing() -> None:
+    dry = dataclasses.replace(report(3, "completed", "p1", approved=True), dry_run=True)
+    reports = [report(1, "held", "p1"), dry]
+    assert status_of("p1", reports, [approval("p1", 2)]) is HeldStatus.APPROVED
+    assert status_of("p1", [report(1, "held", "p1"), dry]) is HeldStatus.OPEN
 
 
 def test_an_item_answer_beats_a_request_failure_whatever_the_order() -> None:
