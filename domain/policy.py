@@ -33,9 +33,11 @@ class SafetyGuard(BaseModel):
     """Holds every removal of a plan that looks like an accident rather than a change.
 
     Modelled on Entra ID's accidental-deletion prevention: one threshold in users, one in share of
-    the provisioned users (only once a customer has `ratio_floor` of them, so that a five-user
-    customer can lose two), and checks that the ShareFile side answered in full and in a shape
-    that can be matched (most employees carry a usable e-mail).
+    the provisioned users, and checks that the ShareFile side answered in full and in a shape
+    that can be matched (most employees carry a usable e-mail). The share is taken of at least
+    `ratio_floor` users: a customer with fewer may lose max_deprovision_ratio x ratio_floor users
+    (4 by default) in a run without a hold, so that a five-user customer can lose two, while one
+    of 19 that would lose 18 is held like any other.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,6 +54,7 @@ class SafetyGuard(BaseModel):
         employees_received: int,
         employees_declared: int | None,
         employees_matchable: int | None = None,
+        employees_repeated: int = 0,
     ) -> tuple[HoldReason, ...]:
         """Every reason to hold the removals of a plan; empty when they may go out."""
         if deprovisions == 0:
@@ -87,6 +90,23 @@ class SafetyGuard(BaseModel):
                     message=(
                         f"ShareFile declared {employees_declared} employees but returned "
                         f"{employees_received}"
+                        + (
+                            f" ({employees_repeated} more listed twice)"
+                            if employees_repeated
+                            else ""
+                        )
+                    ),
+                )
+            )
+        elif employees_repeated:
+            # Pages read while the account changed: whoever moved across a page boundary may
+            # be missing, even where the count adds up (or none was declared).
+            reasons.append(
+                HoldReason(
+                    code=HoldCode.SOURCE_INCOMPLETE,
+                    message=(
+                        f"ShareFile listed {employees_repeated} employees twice: the account "
+                        "changed while its pages were read, and others may be missing"
                     ),
                 )
             )
@@ -99,18 +119,23 @@ class SafetyGuard(BaseModel):
                     ),
                 )
             )
-        if provisioned >= self.ratio_floor and provisioned > 0:
-            ratio = deprovisions / provisioned
-            if ratio > self.max_deprovision_ratio:
-                reasons.append(
-                    HoldReason(
-                        code=HoldCode.DEPROVISION_RATIO,
-                        message=(
-                            f"{deprovisions} of {provisioned} provisioned users ({ratio:.0%}) "
-                            f"exceed max_deprovision_ratio={self.max_deprovision_ratio:.0%}"
-                        ),
-                    )
+        base = max(provisioned, self.ratio_floor)
+        if base > 0 and deprovisions / base > self.max_deprovision_ratio:
+            share = (
+                f"{deprovisions / provisioned:.0%}"
+                if provisioned >= self.ratio_floor
+                else f"taken of at least ratio_floor={self.ratio_floor} users: "
+                f"{deprovisions / base:.0%}"
+            )
+            reasons.append(
+                HoldReason(
+                    code=HoldCode.DEPROVISION_RATIO,
+                    message=(
+                        f"{deprovisions} of {provisioned} provisioned users ({share}) "
+                        f"exceed max_deprovision_ratio={self.max_deprovision_ratio:.0%}"
+                    ),
                 )
+            )
         return tuple(reasons)
 
 

@@ -47,7 +47,9 @@ def reconcile(
     """
     policy = policy or Policy()
     skipped: list[Skipped] = []
-    sf_index, sf_duplicates, employees, unmatchable = _index_sharefile(sharefile_users, skipped)
+    sf_index, sf_duplicates, employees, unmatchable, repeated = _index_sharefile(
+        sharefile_users, skipped
+    )
 
     # Services Manager, streamed. Every keyed user not on a conflicted key has exactly one
     # outcome: one entry (with its key) in one of the lists below, or none, which is "in sync".
@@ -183,6 +185,7 @@ def reconcile(
         employees_received=employees,
         employees_declared=sharefile_declared,
         employees_matchable=employees - unmatchable,
+        employees_repeated=repeated,
     )
     approved = bool(reasons) and policy.approved_plan_id == plan_id
     held = bool(reasons) and not approved
@@ -207,12 +210,16 @@ def reconcile(
 
 def _index_sharefile(
     users: Iterable[SharefileUser], skipped: list[Skipped]
-) -> tuple[dict[str, SharefileUser], dict[str, list[SharefileUser]], int, int]:
-    """Index ShareFile's users by match key: (index, duplicates, employees, unmatchable).
+) -> tuple[dict[str, SharefileUser], dict[str, list[SharefileUser]], int, int, int]:
+    """Index ShareFile's users by match key: (index, duplicates, employees, unmatchable,
+    repeated).
 
     The common case (every user has a usable, distinct address) runs as C-level map/zip/dict,
     with no Python loop per user; unusable addresses and shared keys take a slower exact path.
     An index key is the user's own e-mail string whenever that is already normalised.
+    A user listed twice (the same id on the same key: the account changed while its pages were
+    read, so others may be missing) is indexed once, and the employees repeated are counted
+    for the guard instead of as employees.
     """
     records = list(users)
     keys = list(map(sharefile_user_key, records))
@@ -236,13 +243,18 @@ def _index_sharefile(
     usable = cast("list[str]", keys)  # no None left
     index = dict(zip(usable, records, strict=True))
     duplicates: dict[str, list[SharefileUser]] = {}
+    repeated = 0
     if len(index) != len(usable):
         index = {}
         for key, record in zip(usable, records, strict=True):
-            first = index.setdefault(key, record)
-            if first is not record:
+            first = index.get(key)
+            if first is None:
+                index[key] = record
+            elif any(user.id == record.id for user in duplicates.get(key, (first,))):
+                repeated += record.is_employee
+            else:
                 duplicates.setdefault(key, [first]).append(record)
-    return index, duplicates, employees, unmatchable
+    return index, duplicates, employees - repeated, unmatchable, repeated
 
 
 def _one(value: _T | None) -> list[_T]:

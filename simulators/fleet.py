@@ -51,7 +51,7 @@ _UNMATCHED_SHARE = 0.02  # extra ShareFile employees without an SM user (reporte
 _UNMATCHED_DISABLED_SHARE = 0.3
 
 # The default SafetyGuard (domain.policy): at most 25 removals, and at most 20% of the
-# provisioned users once there are 20 of them.
+# provisioned users, taken of at least 20 users (so at most 4 below that).
 _GUARD_MAX = 25
 _GUARD_RATIO_FLOOR = 20
 _GUARD_RATIO_DIVISOR = 5  # removals <= provisioned // 5  <=>  removals / provisioned <= 20%
@@ -121,9 +121,7 @@ def _keep_within_guard(rng: random.Random, kinds: list[int], extra_employees: in
     if not removals:
         return
     provisioned = sum(1 for kind in kinds if _INITIAL[kind] == "provisioned")
-    allowed = _GUARD_MAX
-    if provisioned >= _GUARD_RATIO_FLOOR:
-        allowed = min(allowed, provisioned // _GUARD_RATIO_DIVISOR)
+    allowed = min(_GUARD_MAX, max(provisioned, _GUARD_RATIO_FLOOR) // _GUARD_RATIO_DIVISOR)
     employees = extra_employees + sum(1 for kind in kinds if _IS_EMPLOYEE[kind])
     if employees == 0:
         # An empty feed with provisioned users is held as "source empty": keep one employee.

@@ -345,7 +345,11 @@ def test_a_feed_whose_employees_all_lack_an_address_removes_nobody(tmp_path: Pat
         assert report.deprovision == ()
         assert servers.submissions() == []
         assert report.outcome is Outcome.HELD
-        assert [r.code.value for r in report.hold_reasons] == ["source_unmatchable"]
+        # Every provisioned user would go: over the ratio as well (taken of at least 20 users).
+        assert [r.code.value for r in report.hold_reasons] == [
+            "source_unmatchable",
+            "deprovision_ratio",
+        ]
 
 
 # -- error answers whose text no header, log line or report can hold ------------------------------

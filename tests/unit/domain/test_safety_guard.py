@@ -159,10 +159,31 @@ def test_ratio_applies_from_the_floor() -> None:
     assert codes(plan) == {HoldCode.DEPROVISION_RATIO}
 
 
-def test_ratio_does_not_apply_below_the_floor() -> None:
-    plan = run(staying=9, leaving=10)  # 10 of 19 = 53%, but only 19 provisioned
+def test_below_the_floor_the_ratio_is_taken_of_the_floor() -> None:
+    plan = run(staying=9, leaving=10)  # 10 of 19: 50% of the floor's 20 users
 
-    assert_released(plan, leaving=10)
+    assert_held(plan, leaving=10)
+    assert codes(plan) == {HoldCode.DEPROVISION_RATIO}
+    [reason] = plan.hold_reasons
+    assert reason.message == (
+        "10 of 19 provisioned users (taken of at least ratio_floor=20 users: 50%) "
+        "exceed max_deprovision_ratio=20%"
+    )
+
+
+def test_a_small_customer_may_lose_the_floors_share_of_users() -> None:
+    assert_released(run(staying=3, leaving=2), leaving=2)  # 2 of 5: 10% of 20
+    assert_released(run(staying=1, leaving=4), leaving=4)  # 4 of 5: 20% of 20, at the limit
+    plan = run(staying=1, leaving=5)  # 5 of 6: 25% of 20
+    assert_held(plan, leaving=5)
+    assert codes(plan) == {HoldCode.DEPROVISION_RATIO}
+
+
+def test_a_customer_of_19_losing_18_is_held() -> None:
+    plan = run(staying=1, leaving=18)
+
+    assert_held(plan, leaving=18)
+    assert codes(plan) == {HoldCode.DEPROVISION_RATIO}
 
 
 def test_ratio_at_the_floor_exactly_at_the_limit_is_not_held() -> None:
@@ -222,6 +243,41 @@ def test_feed_that_returned_what_it_declared_is_trusted(declared: int | None) ->
     assert_released(plan, leaving=1)
 
 
+@pytest.mark.parametrize("declared", [30, None])
+def test_a_feed_that_listed_an_employee_twice_holds_removals(declared: int | None) -> None:
+    # Offset pages read while the account changed: stay0 listed again, stay1 pushed off a page,
+    # so the count adds up. stay1 must not be removed as "absent from ShareFile".
+    sm_users, employees = customer(staying=30, leaving=0)
+    shifted = [employees[0], employees[0], *employees[2:]]
+
+    plan = reconcile(sm_users, shifted, customer_id="cust-1", sharefile_declared=declared)
+
+    assert plan.deprovision == ()
+    assert [item.user_id for item in plan.held] == ["u-stay-0001"]
+    assert codes(plan) == {HoldCode.SOURCE_INCOMPLETE}
+    assert plan.conflicts == ()  # one user listed twice is not two users on one address
+    assert plan.sharefile_employees == 29
+    expected = (
+        "ShareFile declared 30 employees but returned 29 (1 more listed twice)"
+        if declared
+        else "ShareFile listed 1 employees twice: the account changed while its pages were "
+        "read, and others may be missing"
+    )
+    assert [r.message for r in plan.hold_reasons] == [expected]
+
+
+def test_two_users_on_one_address_are_still_a_conflict_next_to_a_repeat() -> None:
+    sm_users = [SmUser(id="u-1", state=PROVISIONED, email="twin@acme.example")]
+    first = SharefileUser(id="sf-1", email="twin@acme.example")
+    other = SharefileUser(id="sf-2", email="Twin@acme.example")
+
+    plan = reconcile(sm_users, [first, other, first, other], customer_id="cust-1")
+
+    [conflict] = plan.conflicts
+    assert conflict.sharefile_user_ids == ("sf-1", "sf-2")
+    assert plan.sharefile_employees == 2
+
+
 def test_guard_ignores_plans_without_removals() -> None:
     plan = run(staying=0, leaving=0, joining=2, declared=50)
 
@@ -254,7 +310,10 @@ def test_disabled_employee_removals_count_towards_the_guard() -> None:
         (21, 100, {HoldCode.DEPROVISION_RATIO}),
         (4, 20, set()),
         (5, 20, {HoldCode.DEPROVISION_RATIO}),
-        (19, 19, set()),
+        (4, 19, set()),
+        (5, 19, {HoldCode.DEPROVISION_RATIO}),
+        (19, 19, {HoldCode.DEPROVISION_RATIO}),
+        (1, 1, set()),
         (0, 0, set()),
     ],
 )
@@ -361,4 +420,8 @@ def test_reconcile_holds_removals_when_no_employee_has_a_usable_address() -> Non
     sf = [SharefileUser(id=f"s{i}", email=None) for i in range(6)]
     plan = reconcile(sm, sf)
     assert plan.deprovision == () and len(plan.held) == 6
-    assert [r.code.value for r in plan.hold_reasons] == ["source_unmatchable"]
+    # Losing all 6 users is also over the ratio (taken of the floor's 20): both reasons.
+    assert [r.code.value for r in plan.hold_reasons] == ["source_unmatchable", "deprovision_ratio"]
+    policy = Policy(guard=SafetyGuard(ratio_floor=30))  # 6 of 30 = 20%: only the feed's shape
+    held = reconcile(sm, sf, policy)
+    assert [r.code.value for r in held.hold_reasons] == ["source_unmatchable"]
