@@ -38,6 +38,9 @@ log = logging.getLogger("sfsync.broker.amqp")
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 15.0
 PUBLISH_TIMEOUT_S = 60.0
+# RabbitMQ 3.x's default max_message_size (4.0 lowered it to 16 MiB). A larger message would close
+# the channel; it is refused before it is sent instead (SFSYNC_MAX_MESSAGE_BYTES).
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 # How often the I/O thread looks for publishes whose confirms are overdue.
 CONFIRM_SWEEP_S = 1.0
 # One node that does not answer (a host that is down drops packets; nothing refuses them) must not
@@ -164,6 +167,7 @@ class AmqpBroker:
         name: str = "sfsync",
         heartbeat_s: int = 30,
         tls: TlsFiles | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         if not urls:
             raise ConfigError("no AMQP URL given")
@@ -172,8 +176,10 @@ class AmqpBroker:
         for url in urls:
             try:
                 params = pika.URLParameters(url)
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"invalid AMQP URL {redact_url(url)}: {exc}") from None
+            except (ValueError, TypeError):
+                # Neither the URL nor pika's message: an unencoded "/" in a password puts part of
+                # it where pika reads the port, and its message quotes that part.
+                raise ConfigError("invalid AMQP URL (not shown: it may hold a password)") from None
             if params.ssl_options is not None:
                 # pika's default context for amqps:// verifies nothing it can name: it has no
                 # server_hostname, so host name checking fails. Ours verifies both.
@@ -188,6 +194,7 @@ class AmqpBroker:
             params.blocked_connection_timeout = 60
             self._parameters.append((redact_url(url), params))
         self.topology = topology
+        self.max_message_bytes = max_message_bytes
         self._name = name
         self._connection: SelectConnection | None = None
         self._channel: Channel | None = None
@@ -245,6 +252,18 @@ class AmqpBroker:
         """Waits only while no connection is ready (at most `timeout_s`, and never on the I/O
         thread, where a publish follows a confirm); the confirms are awaited on the I/O thread,
         which fails the future after `timeout_s` without them."""
+        too_big = next((m for m in messages if len(m.body) > self.max_message_bytes), None)
+        if too_big is not None:
+            # None of the batch goes out: a worker's outputs are published all or not at all.
+            refused: Future[None] = Future()
+            error = PermanentError(
+                f"a {too_big.type or 'message'} of {len(too_big.body):,} bytes is over the "
+                f"broker's message size limit of {self.max_message_bytes:,} bytes "
+                "(SFSYNC_MAX_MESSAGE_BYTES, RabbitMQ's max_message_size)",
+                call="publish",
+            )
+            _settle(refused, error)
+            return refused
         on_io_thread = threading.current_thread() is self._thread
         if not messages or not self._ready.wait(0 if on_io_thread else timeout_s):
             done: Future[None] = Future()
@@ -463,10 +482,19 @@ class AmqpBroker:
 
     def _on_connection_error(self, connection: SelectConnection, error: BaseException) -> None:
         tls_problem = _tls_problem(error)
+        refused = {
+            pika.exceptions.ProbableAuthenticationError: "the user name or password",
+            pika.exceptions.ProbableAccessDeniedError: "the vhost (or the user's access to it)",
+        }.get(type(error))
         if tls_problem is not None and not self._ready_once:
             # A certificate that is not trusted (or not accepted) will not become so by retrying:
             # at start-up that is a configuration error, said once and clearly.
             self._fatal = ConfigError(f"TLS with {self._url} failed: {tls_problem}")
+            log.error("%s", self._fatal)
+        elif refused is not None and not self._ready_once:
+            # RabbitMQ answered and said no: not "nobody answered" after 30 s of retries. Later
+            # (credentials rotated under a running process) it is retried like any lost node.
+            self._fatal = ConfigError(f"RabbitMQ at {self._url} refused the login: check {refused}")
             log.error("%s", self._fatal)
         elif not self._closing.is_set():
             log.warning("could not connect to %s: %s", self._url, tls_problem or _describe(error))
@@ -489,15 +517,23 @@ class AmqpBroker:
         self._expire_unconfirmed(channel)
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
-        # A closed channel is a protocol error (e.g. a queue declared with other arguments).
+        # A closed channel is a protocol error. Refused (403/406) while declaring, it is the
+        # topology (a queue declared with other arguments): no reconnect can fix that. Once
+        # ready, the same codes mean one message or ack (a message over RabbitMQ's
+        # max_message_size, an ack after consumer_timeout): reconnect, so that RabbitMQ
+        # redelivers the unacked messages and its delivery limit parks one that fails every time.
+        declaring = not self._ready.is_set()
         self._ready.clear()
         if not self._closing.is_set():
-            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code in (
-                403,
-                406,
-            ):
-                self._fatal = ConfigError(f"RabbitMQ refused the topology: {reason.reply_text}")
+            by_broker = (
+                reason if isinstance(reason, pika.exceptions.ChannelClosedByBroker) else None
+            )
+            refused = by_broker is not None and by_broker.reply_code in (403, 406)
+            if by_broker is not None and refused and declaring:
+                self._fatal = ConfigError(f"RabbitMQ refused the topology: {by_broker.reply_text}")
                 log.error("%s", self._fatal)
+            elif refused:
+                log.error("RabbitMQ closed the channel, reconnecting: %s", _describe(reason))
             else:
                 log.warning("RabbitMQ channel closed: %s", _describe(reason))
         connection = self._connection

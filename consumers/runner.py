@@ -136,7 +136,11 @@ class MessageRunner:
             log.exception("%s crashed the handler", message.type, extra=context)
             error = PermanentError(f"internal error: {type(exc).__name__}: {exc}")
             return self._give_up(delivery, message, error, "internal error")
-        return self._finish(delivery, [Outgoing.of(m) for m in outputs])
+        return self._finish(
+            delivery,
+            [Outgoing.of(m) for m in outputs],
+            refused=lambda error: self._give_up(delivery, message, error, "outputs refused"),
+        )
 
     def _give_up(
         self, delivery: Delivery, message: Envelope[Any], error: SfsyncError, why: str
@@ -152,7 +156,13 @@ class MessageRunner:
 
         # The report first: a message is parked only once its failure has been reported.
         return self._after_confirms(
-            delivery, reports, confirmed=park, failed_what="the failure report"
+            delivery,
+            reports,
+            confirmed=park,
+            failed_what="the failure report",
+            refused=lambda refusal: self._park(
+                delivery, f"{why}: {error} (and its failure report was refused: {refusal})"
+            ),
         )
 
     def _retry(self, delivery: Delivery, attempt: int, reason: str) -> Future[Outcome]:
@@ -172,13 +182,19 @@ class MessageRunner:
         return self._finish(delivery, [parked], success=Outcome.PARKED)
 
     def _finish(
-        self, delivery: Delivery, outputs: list[Outgoing], success: Outcome = Outcome.ACKED
+        self,
+        delivery: Delivery,
+        outputs: list[Outgoing],
+        success: Outcome = Outcome.ACKED,
+        refused: Callable[[PermanentError], Future[Outcome]] | None = None,
     ) -> Future[Outcome]:
         def ack(outcome: Future[Outcome]) -> None:
             delivery.ack()
             outcome.set_result(success)
 
-        return self._after_confirms(delivery, outputs, confirmed=ack, failed_what="its outputs")
+        return self._after_confirms(
+            delivery, outputs, confirmed=ack, failed_what="its outputs", refused=refused
+        )
 
     def _after_confirms(
         self,
@@ -186,15 +202,21 @@ class MessageRunner:
         outputs: list[Outgoing],
         confirmed: Callable[[Future[Outcome]], None],
         failed_what: str,
+        refused: Callable[[PermanentError], Future[Outcome]] | None = None,
     ) -> Future[Outcome]:
         """Publish `outputs`; once confirmed, go on with `confirmed`, which completes the outcome.
         If they cannot be published the delivery goes back to its queue, to be handled again
         (the outputs may then be published twice, which the handlers' deterministic ids make
-        harmless)."""
+        harmless), unless the broker refused them for good (a message over its size limit) and
+        `refused` says what to do instead: handling it again would only be refused again."""
         outcome: Future[Outcome] = Future()
 
         def then(error: BaseException | None) -> None:
             # On the broker's I/O thread (or here, if already settled): nothing here may block.
+            if isinstance(error, PermanentError) and refused is not None:
+                log.error("the broker refused %s for good: %s", failed_what, error)
+                _pass_on(refused(error), outcome)
+                return
             if error is None:
                 try:
                     confirmed(outcome)

@@ -89,6 +89,10 @@ class Scheduler:
                 self.run_once(**options)  # type: ignore[arg-type]
             except TransientError as exc:
                 log.error("scheduled run failed, next one in %.0fs: %s", interval_s, exc)
+            except Exception:
+                # Services Manager refusing our token, a malformed page, a bug: the schedule
+                # itself must go on (the process would otherwise live on, scheduling nothing).
+                log.exception("scheduled run failed, next one in %.0fs", interval_s)
             stop.wait(interval_s)
 
     def _publish(self, batch: list[Outgoing]) -> None:

@@ -61,7 +61,12 @@ def build_broker(settings: Settings, *, name: str, topology: Topology | None = N
         key_password=password.get_secret_value() if password else None,
     )
     return AmqpBroker(
-        settings.broker_url, topology, name=name, heartbeat_s=settings.heartbeat_s, tls=tls
+        settings.broker_url,
+        topology,
+        name=name,
+        heartbeat_s=settings.heartbeat_s,
+        tls=tls,
+        max_message_bytes=settings.max_message_bytes,
     )
 
 

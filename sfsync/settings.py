@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     )
     prefix: str = Field(default="sfsync", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     heartbeat_s: int = Field(default=30, ge=1, le=600)
+    # The broker's max_message_size: 128 MiB is RabbitMQ 3.x's default, 16 MiB RabbitMQ 4's.
+    max_message_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     # TLS for amqps:// URLs: the CA that signed the brokers' certificates (default: the system's
     # CAs) and, for brokers that ask for one, this process's certificate and key (PEM files).
     broker_ca_file: Path | None = None
@@ -100,9 +102,33 @@ class Settings(BaseSettings):
         if "memory://" in urls and len(urls) > 1:
             raise ValueError("memory:// cannot be combined with other broker URLs")
         for url in urls:
-            if url != "memory://" and not url.startswith(("amqp://", "amqps://")):
+            if url == "memory://":
+                continue
+            if not url.startswith(("amqp://", "amqps://")):
                 raise ValueError("each URL must start with amqp:// or amqps:// (or be memory://)")
+            if problem := _url_problem(url):
+                raise ValueError(problem)
+            import pika  # only for AMQP URLs: the embedded broker's commands do without it
+
+            try:
+                pika.URLParameters(url)
+            except (ValueError, TypeError, KeyError):  # its message may quote the URL
+                raise ValueError(
+                    "not a valid AMQP URL: pika cannot read it (check its ?options, such as "
+                    "heartbeat=30)"
+                ) from None
         return urls
+
+    @field_validator("management_url")
+    @classmethod
+    def _check_management_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None:
+            text = url.get_secret_value()
+            if not text.startswith(("http://", "https://")):
+                raise ValueError("must be an http:// or https:// URL")
+            if problem := _url_problem(text):
+                raise ValueError(problem)
+        return url
 
     @field_validator("broker_ca_file", "broker_cert_file", "broker_key_file")
     @classmethod
@@ -185,6 +211,27 @@ class Settings(BaseSettings):
             )
 
 
+def _url_problem(url: str) -> str | None:
+    """What is wrong with a URL's shape, in words that quote none of it (it may hold a password:
+    an unencoded "/" in one moves the rest into the path, where a parser would quote it)."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number in range)
+    except ValueError:
+        return (
+            "not a valid URL: its port is not a number from 0 to 65535, or a /, #, ? or @ in "
+            "its user name or password is not percent-encoded (%2F, %23, %3F, %40)"
+        )
+    if not parts.hostname:
+        return "not a valid URL: no host"
+    if "@" in url[url.index(parts.netloc) + len(parts.netloc) :]:
+        return (
+            "not a valid URL: an @ after the host, so a /, #, ? or @ in its user name or "
+            "password is not percent-encoded (%2F, %23, %3F, %40)"
+        )
+    return None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (and .env) plus explicit overrides; ConfigError lists every problem."""
     try:
@@ -211,5 +258,6 @@ def _describe(exc: ValidationError) -> str:
             if any(word in field for word in _UNSHOWN)
             else (f" (got {error.get('input')!r})" if "input" in error else "")
         )
-        lines.append(f"SFSYNC_{field.upper()}: {error['msg']}{shown}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"SFSYNC_{field.upper()}: {message}{shown}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from adapters.amqp import AmqpBroker, redact_url
 from adapters.broker import Delivery, Outgoing
 from adapters.topology import REASON_HEADER, Topology
 from consumers.runner import MessageRunner, Outcome, QueueConsumer
-from domain.errors import ConfigError, TransientError
+from domain.errors import ConfigError, PermanentError, TransientError
 
 pytestmark = pytest.mark.broker
 
@@ -120,6 +120,26 @@ def test_nothing_answering_is_a_transient_error_naming_the_url_without_password(
     assert redact_url("amqp://u:pw@h:5672/v") == "amqp://u:***@h:5672/v"
 
 
+@pytest.mark.parametrize(
+    ("login", "vhost", "check"),
+    [
+        ("guest:wrong-password", "", "check the user name or password"),
+        ("guest:guest", "no-such-vhost", "check the vhost"),
+    ],
+)
+def test_refused_credentials_are_a_config_error_at_once_without_the_password(
+    amqp_url: str, topology: Topology, login: str, vhost: str, check: str
+) -> None:
+    broker = pika.URLParameters(amqp_url)
+    url = f"amqp://{login}@{broker.host}:{broker.port}/{vhost}"
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        AmqpBroker([url], topology).start(timeout_s=30)
+    assert time.monotonic() - started < 10  # not after the whole start-up timeout
+    assert "refused the login" in str(error.value) and check in str(error.value)
+    assert "wrong-password" not in str(error.value)
+
+
 class Flaky:
     def __init__(self, fail_times: int) -> None:
         self.fail_times = fail_times
@@ -164,6 +184,64 @@ def test_transient_failures_come_back_through_the_retry_queue_then_park(
         connection.close()
 
 
+class Oversized:
+    """Answers a command with a report over the broker's size limit (a customer's first sync
+    with a million unmatched users, say); its failure report is small."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def handle(self, message):
+        self.calls += 1
+        return [self.report("x" * 5000)]
+
+    def on_give_up(self, message, error):
+        return [self.report(str(error))]
+
+    @staticmethod
+    def report(error: str):
+        from domain.messages import SyncFailed
+        from tests.fakes import fixed_stamper
+
+        failed = SyncFailed(customer_id="c1", run_id="r", outcome="failed", error=error)
+        return fixed_stamper()(failed, correlation_id="r")
+
+
+def test_outputs_over_the_size_limit_are_not_sent_and_the_command_is_parked_with_a_report(
+    amqp_url: str, topology: Topology
+) -> None:
+    broker = AmqpBroker(
+        [amqp_url], topology, name=f"{topology.prefix}-small", max_message_bytes=4096
+    )
+    broker.start()
+    try:
+        refused = broker.publish_async([out("sync.command"), out("sync.command", b"x" * 4097)])
+        error = refused.exception(timeout=5)
+        assert isinstance(error, PermanentError)
+        assert "4,097 bytes is over the broker's message size limit of 4,096" in str(error)
+        assert queue_info(amqp_url, topology.sync_queue)[0] == 0  # none of the batch went out
+
+        handler = Oversized()
+        runner = MessageRunner(broker, topology, handler)
+        consumer = QueueConsumer(broker, topology.queues()[0], runner, concurrency=2)
+        consumer.start()
+        broker.publish([out("sync.command", a_command())])
+        eventually(lambda: runner.counts[Outcome.PARKED] == 1)
+        consumer.stop()
+        assert handler.calls == 1 and broker.connected
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            _method, properties, body = connection.channel().basic_get(
+                topology.dead_queue(topology.sync_queue), auto_ack=True
+            )
+            assert body == a_command()
+            assert "outputs refused" in properties.headers[REASON_HEADER]
+        finally:
+            connection.close()
+    finally:
+        broker.close()
+
+
 def close_connections_named(name: str) -> int:
     listing = subprocess.run(
         ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
@@ -194,6 +272,26 @@ def test_a_closed_connection_is_reopened_and_consumers_resume(
     eventually(lambda: broker.connected, seconds=30)
     broker.publish([out("sync.command", b"after")])
     eventually(lambda: got == [b"before", b"after"])
+
+
+def test_a_channel_refused_while_running_reconnects_instead_of_stopping(
+    broker: AmqpBroker, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 406 once ready is one message or ack (here: an ack of a tag the channel never delivered;
+    # also a message over max_message_size), not the topology: the worker must not go idle.
+    got: list[bytes] = []
+    broker.consume(topology.queues()[0], lambda d: (got.append(d.body), d.ack()), prefetch=5)
+    broker.publish([out("sync.command", b"before")])
+    eventually(lambda: got == [b"before"])
+    channel = broker._channel
+    assert channel is not None
+    broker._on_io_thread(lambda: channel.basic_ack(424242))
+    eventually(lambda: broker._channel is not channel and broker.connected, seconds=30)
+    broker.publish([out("sync.command", b"after")])
+    eventually(lambda: got == [b"before", b"after"])
+    assert broker._fatal is None
+    assert "RabbitMQ closed the channel, reconnecting" in caplog.text
+    assert "unknown delivery tag 424242" in caplog.text
 
 
 def test_an_ack_handed_over_between_two_connections_does_not_stall_later_acks(

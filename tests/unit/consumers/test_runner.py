@@ -166,3 +166,43 @@ def test_outputs_that_cannot_be_published_send_the_message_back_to_its_queue() -
         assert handler.calls == 2  # handled again after the requeue: handlers are idempotent
     finally:
         broker.close()
+
+
+class RefusingBroker(MemoryBroker):
+    """Refuses for good every batch holding a message of a refused type (as AmqpBroker refuses
+    one over the broker's size limit)."""
+
+    def __init__(self, topology: Topology, refused: set[str]) -> None:
+        super().__init__(topology)
+        self.refused = refused
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        if any(m.type in self.refused for m in messages):
+            raise PermanentError("a message over the broker's size limit", call="publish")
+        super().publish(messages)
+
+
+@pytest.mark.parametrize(
+    ("refused", "reports", "reason"),
+    [
+        ({"sync.completed"}, ["sync.failed"], "outputs refused: publish: a message over"),
+        ({"sync.completed", "sync.failed"}, [], "and its failure report was refused"),
+    ],
+)
+def test_outputs_refused_for_good_report_the_failure_and_park_instead_of_looping(
+    refused: set[str], reports: list[str], reason: str
+) -> None:
+    broker = RefusingBroker(Topology(prefix="t", retry_delay_ms=50), refused)
+    broker.start()
+    try:
+        from adapters.topology import QueueSpec
+
+        broker._declare(QueueSpec("t.events", ("sync.completed", "sync.failed")))
+        handler = ScriptedHandler()
+        assert run(broker, handler, command()) == [Outcome.PARKED]
+        assert handler.calls == 1  # not handled again: it would only be refused again
+        assert events(broker) == reports
+        [(_, headers)] = broker.messages("t.sync.dead")
+        assert reason in headers[REASON_HEADER]
+    finally:
+        broker.close()

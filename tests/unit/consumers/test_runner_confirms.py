@@ -125,18 +125,24 @@ def test_the_pause_doubles_with_each_delivery_up_to_its_limit() -> None:
     assert sum(pause({"x-delivery-count": n}) for n in range(20)) > 120
 
 
-def test_outputs_that_cannot_be_encoded_send_the_delivery_back_not_lost() -> None:
-    # Before, a PermanentError from publishing escaped the runner and left the delivery unsettled
-    # until the connection closed; now it is requeued (the queue's delivery limit parks it).
+def test_outputs_refused_for_good_are_reported_as_a_failure_then_parked_not_lost() -> None:
+    # A PermanentError from publishing (an output pika cannot encode, or one over the broker's
+    # size limit) would fail again on every delivery: the message is given up at once, its
+    # failure report first, then parked; the delivery is settled only after both are confirmed.
     broker = HeldConfirms()
     runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(), requeue_delay_s=0)
     delivery = RecordedDelivery(command())
 
     outcome = runner.process(delivery)
     broker.confirm(0, PermanentError("message could not be encoded: ValueError"))
+    assert broker.kinds(1) == ["sync.failed"]
+    assert not outcome.done() and delivery.settled == []
+    broker.confirm(1)
+    assert broker.kinds(2) == ["t.sync.dead"]
+    broker.confirm(2)
 
-    assert outcome.result(timeout=0) is Outcome.REQUEUED
-    assert delivery.settled == ["requeue"]
+    assert outcome.result(timeout=0) is Outcome.PARKED
+    assert delivery.settled == ["ack"]
 
 
 def test_a_message_is_parked_only_after_its_failure_report_is_confirmed() -> None:

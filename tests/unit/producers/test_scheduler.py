@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from adapters.broker import Outgoing
-from domain.errors import TransientError
+from domain.errors import PermanentError, TransientError
 from domain.messages import decode
+from domain.records import Customer
 from producers import scheduler as scheduler_module
 from producers.scheduler import Scheduler, request_sync
 from tests.fakes import FakeServicesManager, fixed_stamper
@@ -77,3 +79,34 @@ def test_request_sync_publishes_a_sync_requested_event() -> None:
     request_sync(broker, fixed_stamper(), customer_id="c7", source="crm", reason="user added")  # type: ignore[arg-type]
     event = decode(broker.batches[0][0].body)
     assert event.type == "sync.requested" and event.payload.customer_id == "c7"
+
+
+def test_the_interval_loop_goes_on_after_a_run_fails_for_good(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class RefusingOnce(FakeServicesManager):
+        calls = 0
+
+        def list_customers(self) -> Iterator[Customer]:
+            RefusingOnce.calls += 1
+            if RefusingOnce.calls == 1:
+                raise PermanentError("HTTP 401 from Services Manager", call="list_customers")
+            return super().list_customers()
+
+    sm = RefusingOnce()
+    sm.add_customer("c00001")
+    broker = RecordingBroker()
+    stop = threading.Event()
+    loop = threading.Thread(target=scheduler(sm, broker).run_every, args=(0.01, stop), daemon=True)
+    loop.start()
+    try:
+        for _ in range(500):
+            if broker.batches:
+                break
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        loop.join(5)
+    assert broker.batches, "no run after the failed one"
+    assert "scheduled run failed, next one in 0s" in caplog.text
+    assert "HTTP 401 from Services Manager" in caplog.text
