@@ -30,7 +30,8 @@ SCHEMA_VERSION = 1
 MAX_ITEMS_PER_REQUEST = 1000
 
 # Customer ids travel in URL paths and routing decisions: keep them to a safe, bounded alphabet.
-CustomerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+CustomerId = Annotated[str, StringConstraints(pattern=CUSTOMER_ID_PATTERN)]
 RunId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 

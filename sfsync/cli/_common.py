@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ import click
 from rich.console import Console
 
 from domain.errors import ConfigError, SfsyncError
+from domain.messages import CUSTOMER_ID_PATTERN
 from sfsync.logs import configure_logging, register_secret
 from sfsync.settings import Settings, load_settings
 
@@ -30,6 +32,26 @@ EXIT_CONFIG = 2  # bad settings or arguments (click uses 2 for usage errors too)
 EXIT_TIMEOUT = 3
 
 console = Console(stderr=True)
+
+
+class CustomerIdType(click.ParamType):
+    """A customer id as the messages take it: a usage error (exit 2) here, not a traceback."""
+
+    name = "ID"
+    _valid = re.compile(CUSTOMER_ID_PATTERN)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if isinstance(value, str) and self._valid.fullmatch(value):
+            return value
+        self.fail(
+            f"{value!r} is not a customer id (1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit)",
+            param,
+            ctx,
+        )
+
+
+CUSTOMER_ID = CustomerIdType()
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
@@ -65,7 +87,10 @@ def _serve_metrics(settings: Settings, role: str) -> None:
         return
     from adapters.metrics import start_metrics_server
 
-    port = start_metrics_server(settings.metrics_port)
+    try:
+        port = start_metrics_server(settings.metrics_port)
+    except OSError as exc:
+        _fail(f"SFSYNC_METRICS_PORT={settings.metrics_port}: cannot serve metrics there: {exc}")
     click.echo(f"sfsync {role}: Prometheus metrics on :{port}/metrics", err=True)
 
 

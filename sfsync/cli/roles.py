@@ -8,6 +8,7 @@ import threading
 import click
 
 from sfsync.cli._common import (
+    CUSTOMER_ID,
     _errors_as_exit,
     _fail,
     _serve_metrics,
@@ -60,6 +61,13 @@ def _serve(*, role: str, broker_url: str | None, concurrency: int | None) -> Non
     click.echo(f"sfsync {role}: stopped cleanly", err=True)
 
 
+def _bounded_text(value: str | None, option: str, shortest: int, longest: int) -> str | None:
+    """A free-text option within the event's limits: a usage error (exit 2), not a traceback."""
+    if value is not None and not shortest <= len(value) <= longest:
+        raise click.BadParameter(f"{option} takes {shortest} to {longest} characters")
+    return value
+
+
 def set_switch_interval(settings: Settings) -> None:
     """Let a thread of this process hold the GIL for SFSYNC_SWITCH_INTERVAL_MS (default 20 ms;
     Python's own is 5 ms) before a waiting thread may force a switch.
@@ -80,8 +88,15 @@ def set_switch_interval(settings: Settings) -> None:
 @click.command()
 @broker_option
 @click.option("--once", is_flag=True, help="publish one run and exit (default)")
-@click.option("--interval", type=float, metavar="SECONDS", help="publish a run every SECONDS")
-@click.option("--customer", "customers", multiple=True, metavar="ID", help="only these customers")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1.0),
+    metavar="SECONDS",
+    help="publish a run every SECONDS (at least 1)",
+)
+@click.option(
+    "--customer", "customers", type=CUSTOMER_ID, multiple=True, help="only these customers"
+)
 @click.option("--dry-run", is_flag=True, help="workers report but request nothing")
 def scheduler(
     broker_url: str | None,
@@ -93,7 +108,7 @@ def scheduler(
     """Publish one sync command per enabled customer (once, or every --interval seconds)."""
     from sfsync.bootstrap import running
 
-    if once and interval:
+    if once and interval is not None:
         _fail("give either --once or --interval, not both")
     settings = _settings(broker_url=broker_url)
     if settings.uses_memory_broker:
@@ -123,9 +138,19 @@ def scheduler(
 
 @click.command("request-sync")
 @broker_option
-@click.option("--customer", required=True, metavar="ID")
-@click.option("--source", required=True, help="the system asking (recorded in the event)")
-@click.option("--reason", help="why, in a few words")
+@click.option("--customer", type=CUSTOMER_ID, required=True)
+@click.option(
+    "--source",
+    type=click.STRING,
+    required=True,
+    callback=lambda _ctx, _param, value: _bounded_text(value, "--source", 1, 200),
+    help="the system asking (recorded in the event)",
+)
+@click.option(
+    "--reason",
+    callback=lambda _ctx, _param, value: _bounded_text(value, "--reason", 0, 500),
+    help="why, in a few words",
+)
 def request_sync_command(
     broker_url: str | None, customer: str, source: str, reason: str | None
 ) -> None:

@@ -19,6 +19,7 @@ from rich.table import Table
 from consumers.run_tracker import RunProgress, RunResult
 from domain.report import Outcome, render_text
 from sfsync.cli._common import (
+    CUSTOMER_ID,
     EXIT_RUN_FAILED,
     EXIT_TIMEOUT,
     _audit_store,
@@ -52,7 +53,11 @@ SUMMARY_COLUMNS = (
 @click.command()
 @broker_option
 @click.option(
-    "--customer", "customers", multiple=True, metavar="ID", help="only these customers (repeatable)"
+    "--customer",
+    "customers",
+    type=CUSTOMER_ID,
+    multiple=True,
+    help="only these customers (repeatable)",
 )
 @click.option("--all", "all_customers", is_flag=True, help="every enabled customer (the default)")
 @click.option("--dry-run", is_flag=True, help="plan and report, request nothing")

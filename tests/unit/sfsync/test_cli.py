@@ -52,6 +52,48 @@ def test_scheduler_rejects_once_together_with_interval() -> None:
     assert "either --once or --interval" in result.output
 
 
+@pytest.mark.parametrize("interval", ["0", "-1", "0.5"])
+def test_scheduler_rejects_an_interval_under_a_second(interval: str) -> None:
+    # --interval 0 once published a run in a tight loop (140,000 commands in ten minutes).
+    for args in (("--interval", interval), ("--once", "--interval", interval)):
+        result = run("scheduler", *args, SFSYNC_BROKER_URL="amqp://localhost/")
+        assert result.exit_code == EXIT_CONFIG
+        assert "Invalid value for '--interval'" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sync", "--customer", "acme corp"),
+        ("scheduler", "--customer", "-x"),
+        ("request-sync", "--customer", "", "--source", "crm"),
+        ("request-sync", "--customer", "c1", "--source", ""),
+        ("request-sync", "--customer", "c1", "--source", "crm", "--reason", "x" * 501),
+    ],
+)
+def test_arguments_the_messages_would_refuse_are_usage_errors(args: tuple[str, ...]) -> None:
+    result = run(*args, SFSYNC_BROKER_URL="amqp://localhost/")
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert "Invalid value for '--" in result.output
+    assert isinstance(result.exception, SystemExit)  # a usage error, not a crash
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error() -> None:
+    import socket
+
+    from sfsync.cli._common import _serve_metrics
+    from sfsync.settings import load_settings
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = load_settings(metrics_port=port)
+        with pytest.raises(SystemExit) as exited:
+            _serve_metrics(settings, "worker")
+    assert exited.value.code == EXIT_CONFIG
+
+
 def test_no_local_workers_needs_a_shared_broker() -> None:
     result = run("sync", "--no-local-workers")
     assert result.exit_code == EXIT_CONFIG
