@@ -280,6 +280,11 @@ def demo(broker_url: str | None, as_json: bool, scenario: Path | None, audit: bo
                 # The demo's story is the table; per-customer log lines only if asked for.
                 log_level=None if "SFSYNC_LOG_LEVEL" in os.environ else "WARNING",
             )
+            if broker_url:
+                # On a shared broker the demo's queues must not be a deployment's: its workers
+                # would take the simulated customers' commands, and the demo's 1 s retry delay
+                # would make the deployment's own declaration of its retry queue fail.
+                settings = settings.model_copy(update={"prefix": f"{settings.prefix[:58]}-demo"})
             click.echo(
                 f"demo: Services Manager simulator at {sims.sm_url}, ShareFile simulator at "
                 f"{sims.sharefile_api_url_template.replace('{subdomain}/sf/v3/', '')}",

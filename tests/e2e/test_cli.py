@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pika
+import pytest
+
+from adapters.topology import Topology
 from simulators import Faults
+from tests.conftest import delete_topology
 from tests.e2e.conftest import settings_env
 
 
@@ -82,3 +87,28 @@ def test_a_bad_setting_stops_sync_before_any_work(tmp_path: Path) -> None:
     result = sfsync("sync", env={"SFSYNC_MAX_DEPROVISION_RATIO": "1.5"})
     assert result.returncode == 2
     assert "SFSYNC_MAX_DEPROVISION_RATIO" in result.stderr
+
+
+@pytest.mark.broker
+def test_the_demo_on_a_shared_broker_keeps_to_queues_of_its_own(
+    amqp_url: str, topology: Topology
+) -> None:
+    # With the deployment's prefix, the demo's 1 s retry queue made every later role on that
+    # prefix fail to declare it (inequivalent x-message-ttl), and a running deployment's
+    # workers would have taken the simulated customers' commands.
+    result = sfsync(
+        "demo", "--broker", amqp_url, "--json", "--no-audit", env={"SFSYNC_PREFIX": topology.prefix}
+    )
+    demo = Topology(prefix=f"{topology.prefix}-demo")
+    try:
+        assert result.returncode == 0, result.stderr
+        assert not json.loads(result.stdout)["missing"]
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            connection.channel().queue_declare(demo.sync_queue, passive=True)
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+                connection.channel().queue_declare(topology.sync_queue, passive=True)
+        finally:
+            connection.close()
+    finally:
+        delete_topology(amqp_url, demo)
