@@ -8,6 +8,9 @@ COPY simulators simulators
 COPY producers producers
 COPY consumers consumers
 COPY sfsync sfsync
-RUN pip install --no-cache-dir . && useradd --system sfsync
+# /data: where the audit role's SQLite file lives (a volume in docker-compose.yml), writable by
+# the user the roles run as; /app stays read-only for it.
+RUN pip install --no-cache-dir . && useradd --system sfsync \
+    && mkdir /data && chown sfsync /data
 USER sfsync
 ENTRYPOINT ["sfsync"]

@@ -19,7 +19,7 @@ from sfsync.cli import main
 from sfsync.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = {"scheduler", "worker", "submitter"}
+ROLES = {"scheduler", "worker", "submitter", "audit"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,23 @@ def test_rabbitmq_with_management_both_simulators_scheduler_two_workers_and_a_su
     services = compose["services"]
     assert services["rabbitmq"]["image"].endswith("-management")
     roles = sorted(s["command"][0] for s in services.values() if "command" in s)
-    assert roles == ["scheduler", "simulate", "submitter", "worker", "worker"]
+    assert roles == ["audit", "scheduler", "simulate", "submitter", "worker", "worker"]
+
+
+def test_the_audit_role_keeps_its_database_in_a_volume_and_starts_before_the_scheduler(
+    compose: dict[str, Any],
+) -> None:
+    audit = compose["services"]["audit"]
+    assert audit["environment"]["SFSYNC_DATABASE_URL"] == "sqlite:////data/sfsync-audit.db"
+    assert "audit:/data" in audit["volumes"] and "audit" in compose["volumes"]
+    assert "audit" in compose["services"]["scheduler"]["depends_on"]
+    assert "mkdir /data && chown sfsync /data" in (ROOT / "Dockerfile").read_text()
+
+
+def test_every_service_it_depends_on_exists(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= set(services), name
 
 
 def test_every_command_and_option_exists_in_the_cli(compose: dict[str, Any]) -> None:
@@ -85,4 +101,6 @@ def test_the_mounted_credentials_file_is_in_the_repository(compose: dict[str, An
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
+            if source in compose.get("volumes", {}):
+                continue  # a named volume, not a file of the repository
             assert (ROOT / source).is_file(), source
