@@ -167,8 +167,14 @@ def render_json(report: StatusReport) -> str:
 
 def render_table(report: StatusReport, console: Console) -> None:
     table = Table(title=f"sfsync queues (prefix {report.prefix})")
+    longest = max((len(row.name) + 10 for row in report.queues), default=5)
     for column in ("queue", "kind", "ready", "unacked", "consumers", "publish/s", "deliver/s"):
-        table.add_column(column, justify="left" if column in ("queue", "kind") else "right")
+        table.add_column(
+            column,
+            justify="left" if column in ("queue", "kind") else "right",
+            # Queue names are copied into other commands: never shortened.
+            min_width=longest if column == "queue" else None,
+        )
     table.add_column("parked", justify="right", style="bold")
     for row in report.queues:
         parked = "" if row.kind != "parking" else str(row.parked)

@@ -408,7 +408,11 @@ def held(customer: str | None, show_all: bool, fmt: str) -> None:
     help="wait for the re-plan's report (always waits with memory://)",
 )
 @click.option(
-    "--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for it"
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="seconds to wait for it",
 )
 def approve(
     broker_url: str | None, plan_id: str, reason: str | None, wait: bool, timeout: float

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console
 
 from adapters.topology import Topology
 from domain.errors import ConfigError
+from sfsync.cli._common import EXIT_CONFIG, EXIT_RUN_FAILED, _fail, _table_console
 from sfsync.settings import Settings, load_settings
 
-EXIT_UNAVAILABLE = 1  # neither the management API nor AMQP answered
-EXIT_CONFIG = 2
-
-
-def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
-    for line in message.splitlines():
-        click.echo(f"sfsync: {line}", err=True)
-    sys.exit(code)
+EXIT_UNAVAILABLE = EXIT_RUN_FAILED  # neither the management API nor AMQP answered
+__all__ = ["EXIT_CONFIG", "EXIT_UNAVAILABLE", "schema", "status"]
 
 
 def _load(**overrides: Any) -> Settings:
+    """The settings without the roles' logging set-up: `status` prints a table, and pika's notes
+    on the queues it finds missing (passive declares) are not the operator's business."""
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
@@ -67,7 +62,7 @@ def status(
     if as_json:
         click.echo(render_json(report), nl=False)
     else:
-        render_table(report, Console(soft_wrap=True))
+        render_table(report, _table_console())
 
 
 @click.command()
@@ -82,5 +77,9 @@ def schema(out: Path) -> None:
     """Write the AsyncAPI document and one JSON Schema per message type from the models."""
     from sfsync.schema import write_documents
 
-    for path in write_documents(out):
+    try:
+        written = write_documents(out)
+    except OSError as exc:
+        _fail(f"cannot write the documents to {out}: {exc.strerror or exc}")
+    for path in written:
         click.echo(str(path))

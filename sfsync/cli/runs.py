@@ -66,7 +66,11 @@ SUMMARY_COLUMNS = (
 )
 @click.option("--json", "as_json", is_flag=True, help="print the reports as JSON")
 @click.option(
-    "--timeout", type=float, default=3600.0, show_default=True, help="seconds to wait for the run"
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="seconds to wait for the run",
 )
 @click.option(
     "--no-local-workers", is_flag=True, help="only schedule and wait; worker processes do the work"
@@ -341,32 +345,39 @@ def _audit_hint(store: AuditStore | None, result: RunResult) -> None:
     help="scenario file (default: the bundled demo)",
 )
 @click.option(
-    "--fleet", type=int, metavar="N", help="generate N customers instead of reading a file"
+    "--fleet",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="generate N customers instead of reading a file",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--sm-port", type=int, default=8081, show_default=True)
-@click.option("--sharefile-port", type=int, default=8082, show_default=True)
+@click.option("--sm-port", type=click.IntRange(0, 65535), default=8081, show_default=True)
+@click.option("--sharefile-port", type=click.IntRange(0, 65535), default=8082, show_default=True)
 @click.option(
-    "--page-size", type=int, default=500, show_default=True, help="ShareFile page size; 0 = unpaged"
+    "--page-size",
+    type=click.IntRange(min=0),
+    default=500,
+    show_default=True,
+    help="ShareFile page size; 0 = unpaged",
 )
 @click.option(
     "--latency-ms",
-    type=float,
+    type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
     help="added to every answer of both APIs",
 )
 @click.option(
     "--error-rate",
-    type=float,
+    type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
     help="share of 503 answers, both APIs",
 )
 @click.option(
     "--throttle-rate",
-    type=float,
+    type=click.FloatRange(0, 1),
     default=0.0,
     show_default=True,
     help="share of 429 answers, both APIs",
@@ -402,7 +413,7 @@ def simulate(
         faults = Faults(
             latency_ms=latency_ms, error_rate=error_rate, throttle_rate=throttle_rate, seed=seed
         )
-        with SimulatorServers(
+        sims = SimulatorServers(
             scenario,
             sm_faults=faults,
             sharefile_faults=faults,
@@ -410,7 +421,12 @@ def simulate(
             host=host,
             sm_port=sm_port,
             sharefile_port=sharefile_port,
-        ) as sims:
+        )
+        try:
+            sims.start()  # stops what it started if it fails
+        except OSError as exc:
+            _fail(f"cannot serve on {host} ports {sm_port} and {sharefile_port}: {exc.strerror}")
+        try:
             click.echo(
                 f"Services Manager: {sims.sm_url} "
                 f"(token {sims.sm_token!r}: the simulator's fixed test token)"
@@ -419,3 +435,5 @@ def simulate(
             click.echo(f"ShareFile API URL:   {sims.sharefile_api_url_template}")
             click.echo(f"{len(scenario.customers)} customers; Ctrl-C to stop")
             _wait_for_signal()
+        finally:
+            sims.stop()

@@ -141,7 +141,7 @@ def test_the_client_reports_an_unreachable_api_as_unavailable() -> None:
     assert "ConnectError" in str(raised.value) and PASSWORD not in str(raised.value)
 
 
-def rendered(answer: list[dict[str, object]]) -> tuple[str, dict[str, object]]:
+def rendered(answer: list[dict[str, object]], width: int = 160) -> tuple[str, dict[str, object]]:
     report = collect_status(
         Topology(prefix="acme"),
         management_url=MANAGEMENT_URL,
@@ -149,8 +149,15 @@ def rendered(answer: list[dict[str, object]]) -> tuple[str, dict[str, object]]:
         management_client=fake_management(lambda _r: httpx.Response(200, json=answer), []),
     )
     out = io.StringIO()
-    render_table(report, Console(file=out, width=160, color_system=None))
+    render_table(report, Console(file=out, width=width, color_system=None))
     return out.getvalue(), json.loads(render_json(report))
+
+
+def test_queue_names_are_never_shortened_in_a_narrow_terminal() -> None:
+    table, data = rendered(QUEUES, width=80)
+    names = [row["name"] for row in data["queues"]]  # type: ignore[union-attr]
+    assert "acme.provisioning" in names
+    assert all(name in table for name in names), table
 
 
 def test_the_table_marks_parked_messages_and_names_the_source() -> None:

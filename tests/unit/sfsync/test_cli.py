@@ -179,3 +179,42 @@ def test_a_bad_switch_interval_stops_the_role_with_one_line(value: str) -> None:
     assert result.exit_code == EXIT_CONFIG
     lines = [line for line in result.output.splitlines() if line.startswith("sfsync: SFSYNC_")]
     assert len(lines) == 1 and lines[0].startswith("sfsync: SFSYNC_SWITCH_INTERVAL_MS:")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("simulate", "--fleet", "0"),
+        ("simulate", "--error-rate", "2"),
+        ("simulate", "--throttle-rate", "-0.1"),
+        ("simulate", "--sm-port", "99999"),
+        ("simulate", "--page-size", "-1"),
+        ("simulate", "--latency-ms", "-100"),
+        ("sync", "--timeout", "-5"),
+        ("approve", "plan-x", "--timeout", "0"),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert "is not in the range" in result.output
+
+
+def test_simulators_on_a_port_in_use_say_so_in_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run("simulate", "--sm-port", port, "--sharefile-port", "0")
+    assert result.exit_code == EXIT_CONFIG
+    assert f"cannot serve on 127.0.0.1 ports {port} and 0: Address already in use" in result.output
+
+
+def test_schema_into_a_folder_that_cannot_be_made_is_one_line(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("schema", "--out", str(blocker / "docs"))
+    assert result.exit_code == EXIT_CONFIG
+    assert result.output.startswith(f"sfsync: cannot write the documents to {blocker / 'docs'}")
