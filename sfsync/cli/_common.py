@@ -31,6 +31,8 @@ EXIT_CONFIG = 2  # bad settings or arguments (click uses 2 for usage errors too)
 
 EXIT_TIMEOUT = 3
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+
 console = Console(stderr=True)
 
 

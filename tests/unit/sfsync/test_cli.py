@@ -218,3 +218,15 @@ def test_schema_into_a_folder_that_cannot_be_made_is_one_line(tmp_path) -> None:
     result = run("schema", "--out", str(blocker / "docs"))
     assert result.exit_code == EXIT_CONFIG
     assert result.output.startswith(f"sfsync: cannot write the documents to {blocker / 'docs'}")
+
+
+def test_ctrl_c_during_a_command_exits_130_not_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfsync.cli import EXIT_INTERRUPTED, runs
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_wait_for_signal", interrupted)
+    result = run("simulate", "--sm-port", "0", "--sharefile-port", "0")
+    assert result.exit_code == EXIT_INTERRUPTED == 130
+    assert "sfsync: interrupted" in result.output and "Aborted!" not in result.output
