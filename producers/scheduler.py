@@ -114,7 +114,9 @@ def request_sync(
     Returns its message id."""
     message = stamp(
         SyncRequested(customer_id=customer_id, source=source, reason=reason),
-        correlation_id=f"request-{source}"[:128],
+        correlation_id="event",
     )
+    # The run it starts is `event-<message_id>` (consumers/sync_worker.py): so is its correlation.
+    message = message.model_copy(update={"correlation_id": f"event-{message.message_id}"})
     broker.publish([Outgoing.of(message)])
     return str(message.message_id)

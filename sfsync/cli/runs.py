@@ -310,6 +310,12 @@ def demo(broker_url: str | None, as_json: bool, scenario: Path | None, audit: bo
                 click.echo(f"\nServices Manager now: {len(changed)} users changed state")
                 for customer, user, old, new in changed:
                     click.echo(f"  {customer} {user}: {old} → {new}")
+                if any(report.held for report in result.reports.values()):
+                    click.echo(
+                        "(the demo's simulators stop with it: its held plan can be looked at with "
+                        "`sfsync held`, but approving one needs a deployment's Services Manager)",
+                        err=True,
+                    )
                 _audit_hint(store, result)
 
             with _audit_store(settings, enabled=audit) as store:

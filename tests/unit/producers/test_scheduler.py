@@ -79,6 +79,9 @@ def test_request_sync_publishes_a_sync_requested_event() -> None:
     request_sync(broker, fixed_stamper(), customer_id="c7", source="crm", reason="user added")  # type: ignore[arg-type]
     event = decode(broker.batches[0][0].body)
     assert event.type == "sync.requested" and event.payload.customer_id == "c7"
+    # The run id the worker gives it, as every message of that run carries.
+    assert event.correlation_id == f"event-{event.message_id}"
+    assert broker.batches[0][0].correlation_id == event.correlation_id
 
 
 def test_the_interval_loop_goes_on_after_a_run_fails_for_good(
