@@ -3,7 +3,7 @@
 Metrics (every name starts with ``sfsync_``; labels in brackets) and what records them:
 
 - ``sfsync_messages_total{type, outcome}`` counter: ``message_outcome(type, outcome)``; outcome
-  is the runner's ``acked`` | ``retried`` | ``parked`` | ``requeued``.
+  is the runner's ``acked`` | ``retried`` | ``parked`` | ``requeued`` | ``dropped``.
 - ``sfsync_message_handling_seconds{type}`` histogram: ``message_outcome(..., seconds)``.
 - ``sfsync_http_requests_total{api, status}`` counter: ``http_call(api, status)``; api is
   ``sm`` | ``sharefile``, status the HTTP code, or ``error`` when no answer came (None).
@@ -58,7 +58,8 @@ class Metrics:
             PlatformCollector(registry=self.registry)
         self.messages = Counter(
             "sfsync_messages",
-            "Messages handled, by message type and outcome (acked, retried, parked, requeued).",
+            "Messages handled, by message type and outcome "
+            "(acked, retried, parked, requeued, dropped).",
             ["type", "outcome"],
             registry=self.registry,
         )

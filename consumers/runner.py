@@ -69,6 +69,7 @@ class Outcome(StrEnum):
     RETRIED = "retried"
     PARKED = "parked"
     REQUEUED = "requeued"
+    DROPPED = "dropped"  # would be parked, but its queue (an event listener's) has no parking queue
 
 
 @dataclass
@@ -83,6 +84,9 @@ class MessageRunner:
     def __post_init__(self) -> None:
         self.counts: Counter[Outcome] = Counter()
         self._counts_lock = threading.Lock()
+        # The queues with a parking queue: the work queues. A listener's queue (a run tracker's)
+        # has none, and a copy sent to "<queue>.dead" there would vanish, unroutable.
+        self._parkable = {spec.name for spec in self.topology.queues() if spec.dead_letter_to}
 
     def process(self, delivery: Delivery) -> Future[Outcome]:
         """Handle one delivery and publish what it gives. Returns at once after that: the
@@ -172,6 +176,12 @@ class MessageRunner:
         return self._finish(delivery, [retry], success=Outcome.RETRIED)
 
     def _park(self, delivery: Delivery, reason: str) -> Future[Outcome]:
+        if delivery.queue not in self._parkable:
+            # A listener sees copies of events: the work queues and the audit trail keep theirs.
+            log.warning(
+                "dropping a message from %s, which has no parking queue: %s", delivery.queue, reason
+            )
+            return self._finish(delivery, [], success=Outcome.DROPPED)
         # The attempt header of a parked message counts every failed handling, this one too.
         parked = self._copy(
             delivery,

@@ -206,3 +206,28 @@ def test_outputs_refused_for_good_report_the_failure_and_park_instead_of_looping
         assert reason in headers[REASON_HEADER]
     finally:
         broker.close()
+
+
+def test_an_invalid_event_on_a_listeners_queue_is_dropped_not_sent_to_a_missing_dead_queue(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A run tracker's queue has no parking queue: a copy sent to "<queue>.dead" would vanish
+    # unroutable while the outcome said "parked".
+    broker = MemoryBroker(Topology(prefix="t", retry_delay_ms=50))
+    broker.start()
+    try:
+        listener = broker.topology.listener_queue("run.r1")
+        handler = ScriptedHandler()
+        runner = MessageRunner(broker, broker.topology, handler)
+        consumer = QueueConsumer(broker, listener, runner, concurrency=1)
+        consumer.start()
+        broker.publish([Outgoing("sync.completed", b"\xff not json", "m1", "r1", "sync.completed")])
+        for attempt in Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.02), reraise=True):
+            with attempt:
+                assert runner.counts[Outcome.DROPPED] == 1
+        consumer.stop()
+        assert handler.calls == 0 and sum(runner.counts.values()) == 1
+        assert broker.depth(listener.name) == 0
+        assert "dropping a message from t.run.r1, which has no parking queue" in caplog.text
+    finally:
+        broker.close()
