@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Self
 from urllib.parse import unquote, urlsplit
@@ -230,6 +232,23 @@ def _url_problem(url: str) -> str | None:
             "password is not percent-encoded (%2F, %23, %3F, %40)"
         )
     return None
+
+
+# Variables of the same prefix that are not settings: scripts/rabbitmq-cluster's own.
+_NOT_SETTINGS = ("SFSYNC_CLUSTER_",)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """SFSYNC_* variables that name no setting, each with the closest setting's variable (or
+    None): a misspelt variable would otherwise leave its setting, a guard threshold say, at the
+    default without a word."""
+    known = [f"SFSYNC_{name.upper()}" for name in Settings.model_fields]
+    found = []
+    for name in sorted(os.environ if environ is None else environ):
+        if name.startswith("SFSYNC_") and name not in known and not name.startswith(_NOT_SETTINGS):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            found.append((name, close[0] if close else None))
+    return found
 
 
 def load_settings(**overrides: Any) -> Settings:

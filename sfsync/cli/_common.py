@@ -17,7 +17,7 @@ from rich.console import Console
 from domain.errors import ConfigError, SfsyncError
 from domain.messages import CUSTOMER_ID_PATTERN
 from sfsync.logs import configure_logging, register_secret
-from sfsync.settings import Settings, load_settings
+from sfsync.settings import Settings, load_settings, unknown_variables
 
 if TYPE_CHECKING:
     from adapters.audit_store import AuditStore
@@ -70,7 +70,14 @@ def _settings(**overrides: Any) -> Settings:
     configure_logging(settings.log_level)
     for secret in settings.secret_values():
         register_secret(secret)
+    _warn_unknown_variables()
     return settings
+
+
+def _warn_unknown_variables() -> None:
+    for name, close in unknown_variables():
+        hint = f" (did you mean {close}?)" if close else ""
+        click.echo(f"sfsync: warning: {name} is not a setting and is ignored{hint}", err=True)
 
 
 @contextmanager

@@ -9,7 +9,13 @@ import click
 
 from adapters.topology import Topology
 from domain.errors import ConfigError
-from sfsync.cli._common import EXIT_CONFIG, EXIT_RUN_FAILED, _fail, _table_console
+from sfsync.cli._common import (
+    EXIT_CONFIG,
+    EXIT_RUN_FAILED,
+    _fail,
+    _table_console,
+    _warn_unknown_variables,
+)
 from sfsync.settings import Settings, load_settings
 
 EXIT_UNAVAILABLE = EXIT_RUN_FAILED  # neither the management API nor AMQP answered
@@ -20,9 +26,11 @@ def _load(**overrides: Any) -> Settings:
     """The settings without the roles' logging set-up: `status` prints a table, and pika's notes
     on the queues it finds missing (passive declares) are not the operator's business."""
     try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
         _fail(f"configuration error:\n{exc}")
+    _warn_unknown_variables()
+    return settings
 
 
 @click.command()

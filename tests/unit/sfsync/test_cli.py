@@ -230,3 +230,12 @@ def test_ctrl_c_during_a_command_exits_130_not_1(monkeypatch: pytest.MonkeyPatch
     result = run("simulate", "--sm-port", "0", "--sharefile-port", "0")
     assert result.exit_code == EXIT_INTERRUPTED == 130
     assert "sfsync: interrupted" in result.output and "Aborted!" not in result.output
+
+
+def test_a_misspelt_setting_is_warned_about() -> None:
+    result = run("held", SFSYNC_MAX_DEPROVISON="5")
+    assert result.exit_code == 0
+    assert (
+        "sfsync: warning: SFSYNC_MAX_DEPROVISON is not a setting and is ignored "
+        "(did you mean SFSYNC_MAX_DEPROVISION?)"
+    ) in result.output

@@ -186,3 +186,19 @@ def test_a_malformed_url_is_one_clear_line_that_quotes_none_of_it(
 def test_a_percent_encoded_password_is_a_valid_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SFSYNC_BROKER_URL", "amqp://sfsync:Kq9Zt%2Fw3Rb+Lm@rabbit-1:5672/")
     assert load_settings().broker_url == ["amqp://sfsync:Kq9Zt%2Fw3Rb+Lm@rabbit-1:5672/"]
+
+
+def test_misspelt_variables_are_found_with_the_setting_they_probably_meant() -> None:
+    from sfsync.settings import unknown_variables
+
+    environ = {
+        "SFSYNC_MAX_DEPROVISON": "5",  # the guard would stay at 25 without a word
+        "SFSYNC_NOTHING_LIKE_IT": "1",
+        "SFSYNC_MAX_DEPROVISION": "5",
+        "SFSYNC_CLUSTER_DIR": "/tmp/c",  # scripts/rabbitmq-cluster's own
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ) == [
+        ("SFSYNC_MAX_DEPROVISON", "SFSYNC_MAX_DEPROVISION"),
+        ("SFSYNC_NOTHING_LIKE_IT", None),
+    ]
