@@ -123,7 +123,8 @@ broker_option = click.option(
     "--broker",
     "broker_url",
     metavar="URL",
-    help="memory:// or amqp://… (default: SFSYNC_BROKER_URL)",
+    help="memory:// or amqp://… (default: SFSYNC_BROKER_URL, the better place for a URL with a "
+    "password: a command line is visible to every user of the host)",
 )
 
 

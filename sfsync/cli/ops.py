@@ -35,11 +35,17 @@ def _load(**overrides: Any) -> Settings:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--broker", "broker_url", metavar="URL", help="default: SFSYNC_BROKER_URL")
+@click.option(
+    "--broker",
+    "broker_url",
+    metavar="URL",
+    help="amqp://… (default: SFSYNC_BROKER_URL, the better place for a URL with a password)",
+)
 @click.option(
     "--management-url",
     metavar="URL",
-    help="RabbitMQ management API, http://user:pass@host:15672 (default: SFSYNC_MANAGEMENT_URL)",
+    help="RabbitMQ management API, http://user:pass@host:15672 (default: SFSYNC_MANAGEMENT_URL, "
+    "the better place for a password: a command line is visible to every user of the host)",
 )
 @click.option("--prefix", help="queue name prefix (default: SFSYNC_PREFIX)")
 def status(

@@ -195,7 +195,7 @@ def test_misspelt_variables_are_found_with_the_setting_they_probably_meant() -> 
         "SFSYNC_MAX_DEPROVISON": "5",  # the guard would stay at 25 without a word
         "SFSYNC_NOTHING_LIKE_IT": "1",
         "SFSYNC_MAX_DEPROVISION": "5",
-        "SFSYNC_CLUSTER_DIR": "/tmp/c",  # scripts/rabbitmq-cluster's own
+        "SFSYNC_CLUSTER_DIR": "cluster",  # scripts/rabbitmq-cluster's own
         "PATH": "/bin",
     }
     assert unknown_variables(environ) == [
