@@ -80,13 +80,13 @@ class MessageRunner:
     max_attempts: int = 5
     requeue_delay_s: float = REQUEUE_DELAY_S
     max_requeue_delay_s: float = MAX_REQUEUE_DELAY_S
+    # False for a listener's queue (a run tracker's), which has no parking queue: a copy sent to
+    # "<queue>.dead" would vanish, unroutable. What would be parked is dropped, with a warning.
+    can_park: bool = True
 
     def __post_init__(self) -> None:
         self.counts: Counter[Outcome] = Counter()
         self._counts_lock = threading.Lock()
-        # The queues with a parking queue: the work queues. A listener's queue (a run tracker's)
-        # has none, and a copy sent to "<queue>.dead" there would vanish, unroutable.
-        self._parkable = {spec.name for spec in self.topology.queues() if spec.dead_letter_to}
 
     def process(self, delivery: Delivery) -> Future[Outcome]:
         """Handle one delivery and publish what it gives. Returns at once after that: the
@@ -176,7 +176,7 @@ class MessageRunner:
         return self._finish(delivery, [retry], success=Outcome.RETRIED)
 
     def _park(self, delivery: Delivery, reason: str) -> Future[Outcome]:
-        if delivery.queue not in self._parkable:
+        if not self.can_park:
             # A listener sees copies of events: the work queues and the audit trail keep theirs.
             log.warning(
                 "dropping a message from %s, which has no parking queue: %s", delivery.queue, reason

@@ -200,7 +200,9 @@ def track_run(roles: Roles, settings: Settings, run_id: str) -> tuple[RunTracker
     topology = build_topology(settings)
     tracker = RunTracker(run_id)
     spec = topology.listener_queue(f"run.{run_id}")
-    runner = MessageRunner(broker=roles.broker, topology=topology, handler=tracker, max_attempts=1)
+    runner = MessageRunner(
+        broker=roles.broker, topology=topology, handler=tracker, max_attempts=1, can_park=False
+    )
     consumer = QueueConsumer(roles.broker, spec, runner, concurrency=4)
     consumer.start()
     return tracker, consumer

@@ -628,6 +628,7 @@ def test_ten_thousand_bad_messages_are_parked_with_reasons_while_the_fleet_syncs
     started = time.monotonic()
     with running(settings, worker=True, submitter=True) as roles:
         tracker, listener = track_run(roles, settings, run_id)
+        assert not listener.runner.can_park  # a listener's queue has no parking queue
         tracker.expect(customers)
         publisher.start()
         try:

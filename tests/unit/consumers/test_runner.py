@@ -218,7 +218,7 @@ def test_an_invalid_event_on_a_listeners_queue_is_dropped_not_sent_to_a_missing_
     try:
         listener = broker.topology.listener_queue("run.r1")
         handler = ScriptedHandler()
-        runner = MessageRunner(broker, broker.topology, handler)
+        runner = MessageRunner(broker, broker.topology, handler, can_park=False)
         consumer = QueueConsumer(broker, listener, runner, concurrency=1)
         consumer.start()
         broker.publish([Outgoing("sync.completed", b"\xff not json", "m1", "r1", "sync.completed")])
