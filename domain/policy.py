@@ -55,6 +55,7 @@ class SafetyGuard(BaseModel):
         employees_declared: int | None,
         employees_matchable: int | None = None,
         employees_repeated: int = 0,
+        absent_removals: int | None = None,
     ) -> tuple[HoldReason, ...]:
         """Every reason to hold the removals of a plan; empty when they may go out."""
         if deprovisions == 0:
@@ -80,6 +81,21 @@ class SafetyGuard(BaseModel):
                     message=(
                         f"only {matchable} of {employees_received} ShareFile employees have "
                         "a usable e-mail address"
+                    ),
+                )
+            )
+        elif matchable < employees_received and (
+            deprovisions if absent_removals is None else absent_removals
+        ):
+            # A few employees that cannot be matched: a user removed as absent from ShareFile
+            # may be one of them (an address with an invisible character, say). Never guessed.
+            unmatchable = employees_received - matchable
+            reasons.append(
+                HoldReason(
+                    code=HoldCode.SOURCE_UNMATCHABLE,
+                    message=(
+                        f"{unmatchable} ShareFile employee(s) have no usable e-mail address, "
+                        "and a user removed as absent from ShareFile may be one of them"
                     ),
                 )
             )

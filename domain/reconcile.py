@@ -186,6 +186,7 @@ def reconcile(
         employees_declared=sharefile_declared,
         employees_matchable=employees - unmatchable,
         employees_repeated=repeated,
+        absent_removals=sum(item.rule is Rule.ABSENT_FROM_SHAREFILE for item in intended),
     )
     approved = bool(reasons) and policy.approved_plan_id == plan_id
     held = bool(reasons) and not approved

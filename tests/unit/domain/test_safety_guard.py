@@ -404,15 +404,44 @@ def test_a_feed_where_most_employees_lack_an_address_holds_every_removal() -> No
     assert "only 2 of 6" in reasons[0].message
 
 
-def test_a_few_employees_without_an_address_do_not_hold_removals() -> None:
+def test_a_few_employees_without_an_address_hold_a_removal_as_absent() -> None:
+    # The user removed as absent from ShareFile may be the employee whose address is unusable.
     reasons = SafetyGuard().check(
         deprovisions=1,
         provisioned=6,
         employees_received=6,
         employees_declared=6,
-        employees_matchable=3,
+        employees_matchable=5,
+    )
+    assert [r.message for r in reasons] == [
+        "1 ShareFile employee(s) have no usable e-mail address, and a user removed as absent "
+        "from ShareFile may be one of them"
+    ]
+    assert reasons[0].code is HoldCode.SOURCE_UNMATCHABLE
+
+
+def test_employees_without_an_address_do_not_hold_removals_of_matched_users() -> None:
+    # Removals whose ShareFile user was found (now a client user, or disabled) are not guesses.
+    reasons = SafetyGuard().check(
+        deprovisions=2,
+        provisioned=30,
+        employees_received=30,
+        employees_declared=30,
+        employees_matchable=29,
+        absent_removals=0,
     )
     assert reasons == ()
+
+
+def test_reconcile_holds_a_removal_as_absent_next_to_an_employee_without_an_address() -> None:
+    sm_users, employees = customer(staying=29, leaving=1)
+    stray = SharefileUser(id=employees[0].id, email="stay0@acme.example\u200b")
+    plan = reconcile(sm_users, [stray, *employees[1:]], customer_id="cust-1")
+
+    assert plan.deprovision == ()
+    # stay0 cannot be matched, so both stay0 and leave0 would be removed as absent: held.
+    assert sorted(item.user_id for item in plan.held) == ["u-leave-0000", "u-stay-0000"]
+    assert codes(plan) == {HoldCode.SOURCE_UNMATCHABLE}
 
 
 def test_reconcile_holds_removals_when_no_employee_has_a_usable_address() -> None:
