@@ -32,6 +32,9 @@ class SkipReason(StrEnum):
     SM_USER_WITHOUT_EMAIL = "sm_user_without_usable_email"
     SHAREFILE_USER_WITHOUT_EMAIL = "sharefile_user_without_usable_email"
     PREVIOUS_REQUEST_FAILED = "previous_request_failed_and_not_an_employee"
+    # Provisioned, and its e-mail matches no employee, but its username (an address) does: a
+    # stale e-mail, most likely. Not removed on that guess.
+    SM_USERNAME_IS_AN_EMPLOYEE = "sm_username_matches_an_employee"
 
 
 class _Frozen(BaseModel):

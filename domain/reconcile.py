@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import TypeVar, cast
 
-from domain.matching import sharefile_user_key, sm_user_key
+from domain.matching import normalise_email, sharefile_user_key, sm_user_key
 from domain.plan import (
     Action,
     Conflict,
@@ -111,7 +111,13 @@ def reconcile(
         if state is provisioned:
             if entitled:
                 continue
-            deprovision.append(_item(Action.DEPROVISION, sm, key, sf, _removal_rule(sf)))
+            if sf is None and _username_is_an_employee(sm, key, find):
+                skip = Skipped(
+                    reason=SkipReason.SM_USERNAME_IS_AN_EMPLOYEE, user_id=sm.id, email=sm.email
+                )
+                skipped_keyed.append((key, skip))
+            else:
+                deprovision.append(_item(Action.DEPROVISION, sm, key, sf, _removal_rule(sf)))
         elif entitled:
             if not sm.enabled:
                 skip = Skipped(
@@ -256,6 +262,16 @@ def _index_sharefile(
             else:
                 duplicates.setdefault(key, [first]).append(record)
     return index, duplicates, employees - repeated, unmatchable, repeated
+
+
+def _username_is_an_employee(
+    sm: SmUser, key: str, find: Callable[[str], SharefileUser | None]
+) -> bool:
+    """Whether an SM user about to be removed as absent (its `key` matched nobody) has a username
+    that is the address of a ShareFile employee: then the e-mail is the stale one, most likely."""
+    other = normalise_email(sm.username) if sm.username else None
+    found = find(other) if other is not None and other != key else None
+    return found is not None and found.is_employee
 
 
 def _one(value: _T | None) -> list[_T]:

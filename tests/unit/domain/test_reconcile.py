@@ -394,14 +394,31 @@ def test_sm_username_matches_when_email_is_missing() -> None:
     assert item.email == "Ann@Acme.example"
 
 
-def test_sm_username_is_ignored_when_email_is_usable() -> None:
+def test_sm_username_does_not_match_when_email_is_usable_but_keeps_the_user_from_removal() -> None:
+    # The key is the e-mail; but a provisioned user whose e-mail matches nobody while their
+    # username is an employee's address most likely has a stale e-mail: skipped, not removed.
     plan = plan_for(
-        [sm("u-1", "other@acme.example", PROVISIONED, username="ann@acme.example")],
+        [sm("u-1", "other@acme.example", PROVISIONED, username="Ann@acme.example")],
         [sf("sf-1", "ann@acme.example")],
     )
 
-    assert only(plan.deprovision).match_key == "other@acme.example"
+    assert plan.deprovision == () and plan.held == ()
+    assert [(s.reason, s.user_id) for s in plan.skipped] == [
+        (SkipReason.SM_USERNAME_IS_AN_EMPLOYEE, "u-1")
+    ]
     assert [u.sharefile_user_id for u in plan.unmatched] == ["sf-1"]
+
+
+def test_a_username_that_is_a_client_users_address_does_not_keep_the_user() -> None:
+    plan = plan_for(
+        [
+            sm("u-1", "other@acme.example", PROVISIONED, username="ann@acme.example"),
+            sm("u-2", "bob@acme.example", PROVISIONED),
+        ],
+        [sf("sf-1", "ann@acme.example", employee=False), sf("sf-2", "bob@acme.example")],
+    )
+
+    assert only(plan.deprovision).rule is Rule.ABSENT_FROM_SHAREFILE
 
 
 @pytest.mark.parametrize(
