@@ -173,13 +173,17 @@ def test_transient_failures_come_back_through_the_retry_queue_then_park(
     eventually(lambda: runner.counts[Outcome.PARKED] == 1)
     consumer.stop()
     assert handler.calls == 3 and runner.counts[Outcome.RETRIED] == 2
+    body, headers = first_parked(amqp_url, topology.dead_queue(topology.sync_queue))
+    assert body == a_command()
+    assert "gave up after 3 attempts" in headers[REASON_HEADER]
+
+
+def first_parked(amqp_url: str, queue: str) -> tuple[bytes, dict]:
+    """Take the first message of a parking queue: its body and headers."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
-        _method, properties, body = connection.channel().basic_get(
-            topology.dead_queue(topology.sync_queue), auto_ack=True
-        )
-        assert body == a_command()
-        assert "gave up after 3 attempts" in properties.headers[REASON_HEADER]
+        _method, properties, body = connection.channel().basic_get(queue, auto_ack=True)
+        return body, properties.headers
     finally:
         connection.close()
 
@@ -229,15 +233,9 @@ def test_outputs_over_the_size_limit_are_not_sent_and_the_command_is_parked_with
         eventually(lambda: runner.counts[Outcome.PARKED] == 1)
         consumer.stop()
         assert handler.calls == 1 and broker.connected
-        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        try:
-            _method, properties, body = connection.channel().basic_get(
-                topology.dead_queue(topology.sync_queue), auto_ack=True
-            )
-            assert body == a_command()
-            assert "outputs refused" in properties.headers[REASON_HEADER]
-        finally:
-            connection.close()
+        body, headers = first_parked(amqp_url, topology.dead_queue(topology.sync_queue))
+        assert body == a_command()
+        assert "outputs refused" in headers[REASON_HEADER]
     finally:
         broker.close()
 
