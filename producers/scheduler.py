@@ -12,7 +12,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from adapters.broker import Broker, Outgoing
 from domain.errors import TransientError
-from domain.messages import Stamper, SyncCommand, SyncRequested
+from domain.messages import Stamper, SyncCommand, SyncRequested, envelope
 from domain.ports import ServicesManagerPort
 
 log = logging.getLogger("sfsync.scheduler")
@@ -112,11 +112,13 @@ def request_sync(
 ) -> str:
     """What another system does to ask for one customer's sync: publish a sync.requested event.
     Returns its message id."""
-    message = stamp(
-        SyncRequested(customer_id=customer_id, source=source, reason=reason),
-        correlation_id="event",
-    )
     # The run it starts is `event-<message_id>` (consumers/sync_worker.py): so is its correlation.
-    message = message.model_copy(update={"correlation_id": f"event-{message.message_id}"})
+    message_id = stamp.new_id()
+    message = envelope(
+        SyncRequested(customer_id=customer_id, source=source, reason=reason),
+        message_id=message_id,
+        occurred_at=stamp.clock(),
+        correlation_id=f"event-{message_id}",
+    )
     broker.publish([Outgoing.of(message)])
     return str(message.message_id)
