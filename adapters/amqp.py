@@ -482,10 +482,7 @@ class AmqpBroker:
 
     def _on_connection_error(self, connection: SelectConnection, error: BaseException) -> None:
         tls_problem = _tls_problem(error)
-        refused = {
-            pika.exceptions.ProbableAuthenticationError: "the user name or password",
-            pika.exceptions.ProbableAccessDeniedError: "the vhost (or the user's access to it)",
-        }.get(type(error))
+        refused = _login_refused(error)
         if tls_problem is not None and not self._ready_once:
             # A certificate that is not trusted (or not accepted) will not become so by retrying:
             # at start-up that is a configuration error, said once and clearly.
@@ -788,6 +785,20 @@ def _chain(steps: list[Callable[[Callable[[Any], None]], None]], done: Callable[
             step(next_step)
 
     next_step()
+
+
+def _login_refused(error: BaseException) -> str | None:
+    """What to check when RabbitMQ itself refused the login (403) or the vhost (530), else None.
+
+    pika reports any connection lost during those steps (a node shutting down, a reset) with the
+    same exception types: only the broker's own answer, quoted in the message, is decisive.
+    """
+    text = str(error)
+    if isinstance(error, pika.exceptions.ProbableAuthenticationError) and "ACCESS_REFUSED" in text:
+        return "the user name or password"
+    if isinstance(error, pika.exceptions.ProbableAccessDeniedError) and "NOT_ALLOWED" in text:
+        return "the vhost (or the user's access to it)"
+    return None
 
 
 def _tls_problem(error: BaseException) -> str | None:

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
                 continue
             if not url.startswith(("amqp://", "amqps://")):
                 raise ValueError("each URL must start with amqp:// or amqps:// (or be memory://)")
-            if problem := _url_problem(url):
+            if problem := _url_problem(url, host_required=False):  # no host: localhost
                 raise ValueError(problem)
             import pika  # only for AMQP URLs: the embedded broker's commands do without it
 
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
             text = url.get_secret_value()
             if not text.startswith(("http://", "https://")):
                 raise ValueError("must be an http:// or https:// URL")
-            if problem := _url_problem(text):
+            if problem := _url_problem(text, host_required=True):
                 raise ValueError(problem)
         return url
 
@@ -213,7 +213,7 @@ class Settings(BaseSettings):
             )
 
 
-def _url_problem(url: str) -> str | None:
+def _url_problem(url: str, *, host_required: bool) -> str | None:
     """What is wrong with a URL's shape, in words that quote none of it (it may hold a password:
     an unencoded "/" in one moves the rest into the path, where a parser would quote it)."""
     parts = urlsplit(url)
@@ -224,9 +224,12 @@ def _url_problem(url: str) -> str | None:
             "not a valid URL: its port is not a number from 0 to 65535, or a /, #, ? or @ in "
             "its user name or password is not percent-encoded (%2F, %23, %3F, %40)"
         )
-    if not parts.hostname:
+    if host_required and not parts.hostname:
         return "not a valid URL: no host"
-    if "@" in url[url.index(parts.netloc) + len(parts.netloc) :]:
+    # An "@" after the host with none before it: the user name and password were cut short by
+    # an unencoded "/", "#" or "?" (a vhost may hold an "@" where the URL has credentials).
+    after_host = url[url.index(parts.netloc) + len(parts.netloc) :]
+    if "@" in after_host and "@" not in parts.netloc:
         return (
             "not a valid URL: an @ after the host, so a /, #, ? or @ in its user name or "
             "password is not percent-encoded (%2F, %23, %3F, %40)"
@@ -245,8 +248,13 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[st
     known = [f"SFSYNC_{name.upper()}" for name in Settings.model_fields]
     found = []
     for name in sorted(os.environ if environ is None else environ):
-        if name.startswith("SFSYNC_") and name not in known and not name.startswith(_NOT_SETTINGS):
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        upper = name.upper()  # the settings read variables whatever their case
+        if (
+            upper.startswith("SFSYNC_")
+            and upper not in known
+            and not upper.startswith(_NOT_SETTINGS)
+        ):
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
             found.append((name, close[0] if close else None))
     return found
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import subprocess
 import threading
 import time
@@ -138,6 +139,46 @@ def test_refused_credentials_are_a_config_error_at_once_without_the_password(
     assert time.monotonic() - started < 10  # not after the whole start-up timeout
     assert "refused the login" in str(error.value) and check in str(error.value)
     assert "wrong-password" not in str(error.value)
+
+
+def test_a_node_that_drops_the_connection_during_login_is_not_a_refused_login(
+    amqp_url: str, topology: Topology
+) -> None:
+    # pika reports a connection lost while logging in (a node shutting down) with the same
+    # exception as wrong credentials: only RabbitMQ's own ACCESS_REFUSED is a configuration
+    # error, otherwise the other nodes of the list are still tried.
+    from pika import frame, spec
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def drop_after_login() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(8)  # the protocol header
+                start = spec.Connection.Start(
+                    server_properties={"product": "fake"}, mechanisms=b"PLAIN", locales=b"en_US"
+                )
+                connection.sendall(frame.Method(0, start).marshal())
+                connection.recv(4096)  # StartOk, with the credentials: then the node goes away
+
+    threading.Thread(target=drop_after_login, daemon=True).start()
+    dropping = f"amqp://guest:guest@127.0.0.1:{port}/"
+    try:
+        with pytest.raises(TransientError, match="no RabbitMQ answered"):
+            AmqpBroker([dropping], topology).start(timeout_s=3)
+        broker = AmqpBroker([dropping, amqp_url], topology)
+        broker.start(timeout_s=30)  # whichever it tries first, it ends on the real one
+        try:
+            assert broker.connected_url == redact_url(amqp_url)
+        finally:
+            broker.close()
+    finally:
+        server.close()
 
 
 class Flaky:

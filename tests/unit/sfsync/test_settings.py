@@ -167,7 +167,7 @@ def test_the_key_password_is_a_secret(monkeypatch: pytest.MonkeyPatch, tmp_path)
         ("SFSYNC_BROKER_URL", "amqp://sfsync:123/Kq9Zt@rabbit-1:5672/", "an @ after the host"),
         ("SFSYNC_BROKER_URL", "amqp://sfsync:Kq9Zt@rabbit-1:99999/", "not a number from 0"),
         ("SFSYNC_BROKER_URL", "amqp://sfsync:Kq9Zt@rabbit-1/?heartbeat=x", "pika cannot read"),
-        ("SFSYNC_BROKER_URL", "amqp://:5672/", "no host"),
+        ("SFSYNC_MANAGEMENT_URL", "http://:15672/", "no host"),
         ("SFSYNC_MANAGEMENT_URL", "http://guest:Kq9Zt/w3@127.0.0.1:15672", "percent-encoded"),
         ("SFSYNC_MANAGEMENT_URL", "ftp://guest:Kq9Zt@127.0.0.1", "http:// or https://"),
     ],
@@ -183,9 +183,20 @@ def test_a_malformed_url_is_one_clear_line_that_quotes_none_of_it(
     assert "Kq9Zt" not in line and "rabbit-1" not in line
 
 
-def test_a_percent_encoded_password_is_a_valid_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SFSYNC_BROKER_URL", "amqp://sfsync:Kq9Zt%2Fw3Rb+Lm@rabbit-1:5672/")
-    assert load_settings().broker_url == ["amqp://sfsync:Kq9Zt%2Fw3Rb+Lm@rabbit-1:5672/"]
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://sfsync:Kq9Zt%2Fw3Rb+Lm@rabbit-1:5672/",  # a percent-encoded password
+        "amqp://guest:guest@127.0.0.1:5672/team@prod",  # an "@" in the vhost, after credentials
+        "amqp://",  # localhost, as pika and RabbitMQ's URI spec read it
+        "amqp:///%2F",
+        "amqp://guest:guest@[::1]:5672/",
+        "amqps://sfsync:pw@rabbit-1.example:5671/prod?heartbeat=30",
+    ],
+)
+def test_valid_amqp_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("SFSYNC_BROKER_URL", url)
+    assert load_settings().broker_url == [url]
 
 
 def test_misspelt_variables_are_found_with_the_setting_they_probably_meant() -> None:
@@ -202,3 +213,5 @@ def test_misspelt_variables_are_found_with_the_setting_they_probably_meant() -> 
         ("SFSYNC_MAX_DEPROVISON", "SFSYNC_MAX_DEPROVISION"),
         ("SFSYNC_NOTHING_LIKE_IT", None),
     ]
+    # The settings read variables whatever their case: this one is in effect, not unknown.
+    assert unknown_variables({"sfsync_max_deprovision": "3", "Sfsync_Prefix": "x"}) == []
