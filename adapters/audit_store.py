@@ -579,8 +579,12 @@ class AuditStore:
         # One answer lists each (user, action) once; a malformed repeat must not fail the event.
         unique = {(r["user_id"], r["action"]): r for r in rows}
         if unique:
+            # Ids longer than the column are cut to fit (_Bounded): two that differ only past
+            # that point would then share a key, and must not fail the whole event.
             connection.execute(
-                answer_items.insert(),
+                _insert_or_ignore(
+                    connection, answer_items, ["answer_message_id", "user_id", "action"]
+                ),
                 [
                     {**r, "answer_message_id": message_id, "request_id": answer.request_id}
                     for r in unique.values()
@@ -846,19 +850,23 @@ class AuditStore:
     _read = _begin
 
 
-def _insert_ignoring_duplicates(
-    connection: Connection, table: sa.Table, row: dict[str, Any], keys: list[str]
-) -> bool:
-    """INSERT … ON CONFLICT DO NOTHING in the connection's dialect; True if the row is new.
-    RETURNING says so on both dialects (rowcount is -1 with psycopg here)."""
+def _insert_or_ignore(connection: Connection, table: sa.Table, keys: list[str]) -> Any:
+    """INSERT … ON CONFLICT (keys) DO NOTHING, in the connection's dialect."""
     if connection.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        statement: Any = pg_insert(table).on_conflict_do_nothing(index_elements=keys)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return pg_insert(table).on_conflict_do_nothing(index_elements=keys)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        statement = sqlite_insert(table).on_conflict_do_nothing(index_elements=keys)
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=keys)
+
+
+def _insert_ignoring_duplicates(
+    connection: Connection, table: sa.Table, row: dict[str, Any], keys: list[str]
+) -> bool:
+    """Insert one row unless its keys are taken; True if the row is new. RETURNING says so on
+    both dialects (rowcount is -1 with psycopg here)."""
+    statement = _insert_or_ignore(connection, table, keys)
     statement = statement.returning(*(table.c[key] for key in keys))
     return connection.execute(statement, row).first() is not None
 

@@ -344,6 +344,23 @@ def test_over_long_texts_are_cut_to_fit_and_the_event_is_kept(store: AuditStore)
     assert full.counts == {"deprovision": 1}
 
 
+def test_two_over_long_ids_cut_to_the_same_key_do_not_fail_the_answer(store: AuditStore) -> None:
+    prefix = "u" * 300
+    payload = ProvisioningCompleted(
+        customer_id="cust-1",
+        run_id="run-1",
+        request_id="req-1",
+        items=(
+            ItemResult(user_id=prefix + "-A", action="provision", status="accepted"),
+            ItemResult(user_id=prefix + "-B", action="provision", status="accepted"),
+            ItemResult(user_id="u-2", action="provision", status="accepted"),
+        ),
+    )
+    assert store.record(STAMP(payload, correlation_id="run-1"))
+    answers = store.answers_for(["req-1"])
+    assert sorted(len(a.user_id) for a in answers) == [3, 256]  # the first of the two is kept
+
+
 def test_requested_items_carry_the_answer_of_services_manager(store: AuditStore) -> None:
     store.record(request())
     assert {i.status for i in store.requested_items()} == {"unanswered"}
