@@ -24,6 +24,7 @@ from domain.records import SharefileState, SharefileUser, SmUser
 
 _IN_FLIGHT = frozenset({SharefileState.PROVISIONING, SharefileState.DEPROVISIONING})
 _is_employee = attrgetter("is_employee")
+_id = attrgetter("id")
 _T = TypeVar("_T")
 
 
@@ -224,11 +225,22 @@ def _index_sharefile(
     The common case (every user has a usable, distinct address) runs as C-level map/zip/dict,
     with no Python loop per user; unusable addresses and shared keys take a slower exact path.
     An index key is the user's own e-mail string whenever that is already normalised.
-    A user listed twice (the same id on the same key: the account changed while its pages were
-    read, so others may be missing) is indexed once, and the employees repeated are counted
-    for the guard instead of as employees.
+    A user listed twice (the same id, whatever its address: the account changed while its pages
+    were read, so others may be missing) is kept once, the first time, and the employees
+    repeated are counted for the guard instead of as employees.
     """
     records = list(users)
+    repeated = 0
+    if len(set(map(_id, records))) != len(records):  # C-level; the set is dropped at once
+        seen: set[str] = set()
+        kept: list[SharefileUser] = []
+        for record in records:
+            if record.id in seen:
+                repeated += record.is_employee
+            else:
+                seen.add(record.id)
+                kept.append(record)
+        records = kept
     keys = list(map(sharefile_user_key, records))
     employees = sum(map(_is_employee, records))
     unmatchable = 0
@@ -250,18 +262,13 @@ def _index_sharefile(
     usable = cast("list[str]", keys)  # no None left
     index = dict(zip(usable, records, strict=True))
     duplicates: dict[str, list[SharefileUser]] = {}
-    repeated = 0
     if len(index) != len(usable):
         index = {}
         for key, record in zip(usable, records, strict=True):
-            first = index.get(key)
-            if first is None:
-                index[key] = record
-            elif any(user.id == record.id for user in duplicates.get(key, (first,))):
-                repeated += record.is_employee
-            else:
+            first = index.setdefault(key, record)
+            if first is not record:
                 duplicates.setdefault(key, [first]).append(record)
-    return index, duplicates, employees - repeated, unmatchable, repeated
+    return index, duplicates, employees, unmatchable, repeated
 
 
 def _username_is_an_employee(

@@ -266,6 +266,21 @@ def test_a_feed_that_listed_an_employee_twice_holds_removals(declared: int | Non
     assert [r.message for r in plan.hold_reasons] == [expected]
 
 
+def test_an_employee_listed_again_under_a_new_address_holds_removals() -> None:
+    # stay0 changed address between two pages and was listed again under it, pushing stay1 off
+    # a page: the count adds up, and stay1 must not be removed as absent.
+    sm_users, employees = customer(staying=30, leaving=0)
+    moved = SharefileUser(id=employees[0].id, email="stay0.new@acme.example")
+    shifted = [employees[0], moved, *employees[2:]]
+
+    plan = reconcile(sm_users, shifted, customer_id="cust-1", sharefile_declared=30)
+
+    assert plan.deprovision == ()
+    assert [item.user_id for item in plan.held] == ["u-stay-0001"]
+    assert codes(plan) == {HoldCode.SOURCE_INCOMPLETE}
+    assert plan.sharefile_employees == 29 and plan.unmatched == ()  # kept once, the first time
+
+
 def test_two_users_on_one_address_are_still_a_conflict_next_to_a_repeat() -> None:
     sm_users = [SmUser(id="u-1", state=PROVISIONED, email="twin@acme.example")]
     first = SharefileUser(id="sf-1", email="twin@acme.example")
