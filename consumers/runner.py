@@ -225,8 +225,12 @@ class MessageRunner:
             # On the broker's I/O thread (or here, if already settled): nothing here may block.
             if isinstance(error, PermanentError) and refused is not None:
                 log.error("the broker refused %s for good: %s", failed_what, error)
-                _pass_on(refused(error), outcome)
-                return
+                try:
+                    _pass_on(refused(error), outcome)
+                    return
+                except Exception as exc:  # a bug here must not strand the delivery either
+                    log.exception("giving up a message from %s failed", delivery.queue)
+                    error = exc
             if error is None:
                 try:
                     confirmed(outcome)

@@ -60,7 +60,11 @@ def test_the_audit_role_keeps_its_database_in_a_volume_and_starts_before_the_sch
     audit = compose["services"]["audit"]
     assert audit["environment"]["SFSYNC_DATABASE_URL"] == "sqlite:////data/sfsync-audit.db"
     assert "audit:/data" in audit["volumes"] and "audit" in compose["volumes"]
-    assert "audit" in compose["services"]["scheduler"]["depends_on"]
+    depends = compose["services"]["scheduler"]["depends_on"]
+    assert depends["audit"] == {"condition": "service_healthy"}
+    # Healthy once it serves metrics, which it does only after its queue is declared.
+    port = audit["environment"]["SFSYNC_METRICS_PORT"]
+    assert f"127.0.0.1:{port}/metrics" in " ".join(audit["healthcheck"]["test"])
     assert "mkdir /data && chown sfsync /data" in (ROOT / "Dockerfile").read_text()
 
 

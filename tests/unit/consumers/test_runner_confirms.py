@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+import pytest
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from adapters.broker import Delivery, Outgoing
@@ -143,6 +144,25 @@ def test_outputs_refused_for_good_are_reported_as_a_failure_then_parked_not_lost
 
     assert outcome.result(timeout=0) is Outcome.PARKED
     assert delivery.settled == ["ack"]
+
+
+def test_a_bug_while_giving_up_refused_outputs_requeues_instead_of_stranding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = HeldConfirms()
+    runner = MessageRunner(broker, TOPOLOGY, ScriptedHandler(), requeue_delay_s=0)
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(runner, "_give_up", broken)
+    delivery = RecordedDelivery(command())
+
+    outcome = runner.process(delivery)
+    broker.confirm(0, PermanentError("message could not be encoded: ValueError"))
+
+    assert outcome.result(timeout=0) is Outcome.REQUEUED
+    assert delivery.settled == ["requeue"]
 
 
 def test_a_message_is_parked_only_after_its_failure_report_is_confirmed() -> None:
