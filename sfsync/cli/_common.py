@@ -62,12 +62,16 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
     sys.exit(code)
 
 
-def _settings(**overrides: Any) -> Settings:
+def _settings(*, configure_logs: bool = True, **overrides: Any) -> Settings:
+    """The settings (given overrides that are not None win), or exit 2 naming every problem.
+    `configure_logs=False` leaves logging alone: `status` prints a table, and pika's notes on the
+    queues it finds missing (passive declares) are not the operator's business."""
     try:
         settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
         _fail(f"configuration error:\n{exc}")
-    configure_logging(settings.log_level)
+    if configure_logs:
+        configure_logging(settings.log_level)
     for secret in settings.secret_values():
         register_secret(secret)
     _warn_unknown_variables()

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
 from adapters.topology import Topology
-from domain.errors import ConfigError
-from sfsync.cli._common import (
-    EXIT_CONFIG,
-    EXIT_RUN_FAILED,
-    _fail,
-    _table_console,
-    _warn_unknown_variables,
-)
-from sfsync.settings import Settings, load_settings
+from sfsync.cli._common import EXIT_CONFIG, EXIT_RUN_FAILED, _fail, _settings, _table_console
 
 EXIT_UNAVAILABLE = EXIT_RUN_FAILED  # neither the management API nor AMQP answered
 __all__ = ["EXIT_CONFIG", "EXIT_UNAVAILABLE", "schema", "status"]
-
-
-def _load(**overrides: Any) -> Settings:
-    """The settings without the roles' logging set-up: `status` prints a table, and pika's notes
-    on the queues it finds missing (passive declares) are not the operator's business."""
-    try:
-        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ConfigError as exc:
-        _fail(f"configuration error:\n{exc}")
-    _warn_unknown_variables()
-    return settings
 
 
 @click.command()
@@ -58,7 +38,12 @@ def status(
     """
     from sfsync.status import StatusUnavailable, collect_status, render_json, render_table
 
-    settings = _load(broker_url=broker_url, management_url=management_url, prefix=prefix)
+    settings = _settings(
+        configure_logs=False,
+        broker_url=broker_url,
+        management_url=management_url,
+        prefix=prefix,
+    )
     amqp_urls = [url for url in settings.broker_url if url != "memory://"]
     topology = Topology(prefix=settings.prefix)
     management = settings.management_url.get_secret_value() if settings.management_url else None
