@@ -29,11 +29,13 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from adapters import pika_timestamps
 from adapters.broker import Delivery, Outgoing
 from adapters.topology import QueueSpec, Topology
 from domain.errors import ConfigError, PermanentError, TransientError
 
 log = logging.getLogger("sfsync.broker.amqp")
+pika_timestamps.install()
 
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 15.0

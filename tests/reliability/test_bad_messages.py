@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import random
+import struct
 import time
 import uuid
 from collections import Counter
@@ -700,3 +702,60 @@ def test_a_message_whose_header_cannot_be_encoded_fails_alone_and_the_broker_goe
         del broker
         gc.collect()
     assert queue_depth(amqp_url, dead) == 1
+
+
+class WireTimestamp(int):
+    """A field-table timestamp ('T') holding any 64-bit value, as other clients write them."""
+
+
+@pytest.fixture
+def wire_timestamps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this process publish WireTimestamp headers (pika itself writes only datetimes)."""
+    encode_value = pika.data.encode_value
+
+    def encode(pieces: list[bytes], value: Any) -> int:
+        if isinstance(value, WireTimestamp):
+            pieces.append(struct.pack(">cQ", b"T", int(value)))
+            return 9
+        return int(encode_value(pieces, value))
+
+    monkeypatch.setattr(pika.data, "encode_value", encode)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    "timestamp",
+    # A millisecond epoch; 1969-07-20 as the RabbitMQ Java client writes it (a signed long).
+    [1_772_000_000_000, 2**64 - 14_256_000],
+    ids=["milliseconds", "java-before-1970"],
+)
+def test_a_command_with_a_timestamp_header_python_cannot_represent_is_synced_at_once(
+    fleet_servers: SimulatorServers,
+    small_fleet: Scenario,
+    tmp_path: Path,
+    amqp_url: str,
+    topology: Topology,
+    wire_timestamps: None,
+    caplog: pytest.LogCaptureFixture,
+    timestamp: int,
+) -> None:
+    """pika 1.4.4 turns such a header into a lost connection, so the message came back after
+    every reconnect until its delivery limit parked it: one header from another system stopped
+    that customer's syncs and dropped every other message in flight with it."""
+    settings = settings_for(
+        fleet_servers, tmp_path, SFSYNC_BROKER_URL=amqp_url, SFSYNC_PREFIX=topology.prefix
+    )
+    customer = next(c.id for c in small_fleet.customers if c.sharefile_enabled)
+    run_id = f"run-ts-{uuid.uuid4().hex[:8]}"
+    (command,) = commands_for([customer], run_id)
+    sent_at = {"x-sent-at": WireTimestamp(timestamp)}
+    with running(settings, worker=True, submitter=True) as roles:
+        tracker, listener = track_run(roles, settings, run_id)
+        tracker.expect([customer])
+        roles.broker.publish([dataclasses.replace(command, headers=sent_at)])
+        assert tracker.wait(20), tracker.progress()
+        listener.stop()
+    assert tracker.result.reports[customer].outcome is ReportOutcome.COMPLETED
+    lost = [r.getMessage() for r in caplog.records if "RabbitMQ connection" in r.getMessage()]
+    assert lost == []
+
