@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from adapters.topology import ATTEMPT_HEADER, QueueSpec
+from adapters.topology import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER, QueueSpec
 from domain.messages import Envelope
 
 
@@ -54,6 +54,12 @@ class Delivery(Protocol):
 def attempt_of(delivery: Delivery) -> int:
     """How many times this message has already failed transiently (0 on first delivery)."""
     value = delivery.headers.get(ATTEMPT_HEADER, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def delivered_before(delivery: Delivery) -> int:
+    """How many earlier deliveries of this message were not acked (RabbitMQ's count; 0 if none)."""
+    value = delivery.headers.get(DELIVERY_COUNT_HEADER, 0)
     return value if isinstance(value, int) and value >= 0 else 0
 
 

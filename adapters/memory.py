@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapters.broker import Delivery, Outgoing, published_now
-from adapters.topology import QueueSpec, Topology
+from adapters.topology import DELIVERY_COUNT_HEADER, QueueSpec, Topology
 
 log = logging.getLogger("sfsync.broker.memory")
 
@@ -66,6 +66,8 @@ class MemoryDelivery:
         self.queue = queue.spec.name
         self.routing_key = message.routing_key
         self.headers: Mapping[str, Any] = dict(message.headers)
+        if queue.spec.delivery_limit is not None:  # as RabbitMQ's quorum queues count them
+            self.headers = {**self.headers, DELIVERY_COUNT_HEADER: message.delivery_count - 1}
         self.redelivered = message.delivery_count > 1
         self.message_id = message.message_id
         self.correlation_id = message.correlation_id

@@ -22,6 +22,9 @@ ATTEMPT_HEADER = "x-sfsync-attempt"
 REASON_HEADER = "x-sfsync-reason"
 FROM_QUEUE_HEADER = "x-sfsync-from-queue"
 ROUTING_KEY_HEADER = "x-sfsync-routing-key"
+# RabbitMQ's count of a quorum queue message's earlier deliveries that were not acked (a worker
+# that died holding it, a requeue). With a delivery limit L, the delivery counted L is its last.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
 @dataclass(frozen=True)

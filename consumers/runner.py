@@ -6,7 +6,9 @@ PermanentError → publish the handler's give-up outputs, park the message with 
 a TransientError → delayed retry through the queue's retry queue, or give up after
 `max_attempts`; a broker failure while publishing → requeue after a pause that doubles with each
 delivery (the outputs may be published again, which the handlers' deterministic ids make
-harmless; a work queue's delivery limit parks a message that fails every time).
+harmless). A message on the last delivery its work queue's limit allows is reported as failed
+and parked without being handled: every earlier handling ended without an ack, and another
+would end with RabbitMQ parking it silently, without a reason or a failure report.
 
 Confirms are awaited on the broker's thread, not the handler's: a handler thread is free for the
 next delivery once it has handed over the outputs, and `process` returns a future of the outcome.
@@ -27,7 +29,7 @@ from queue import SimpleQueue
 from typing import Any, Protocol
 
 from adapters import metrics
-from adapters.broker import Broker, Delivery, Outgoing, attempt_of
+from adapters.broker import Broker, Delivery, Outgoing, attempt_of, delivered_before
 from adapters.topology import (
     ATTEMPT_HEADER,
     FROM_QUEUE_HEADER,
@@ -51,7 +53,6 @@ STOP_TIMEOUT_S = 60.0
 # for seconds, so the work queue's delivery limit (20) dead-lettered messages within two seconds.
 REQUEUE_DELAY_S = 0.5
 MAX_REQUEUE_DELAY_S = 15.0
-DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by RabbitMQ on quorum queue redeliveries
 
 
 class Handler(Protocol):
@@ -110,6 +111,22 @@ class MessageRunner:
             log.warning("parking undecodable message from %s: %s", delivery.queue, exc.detail)
             return self._park(delivery, f"invalid message: {exc.detail}")
         context = {"correlation_id": message.correlation_id, "message_id": str(message.message_id)}
+        unsettled = delivered_before(delivery)
+        if unsettled >= self.topology.delivery_limit:
+            # The last delivery the work queue allows: every earlier one ended without an ack
+            # (its worker died or lost its connection while handling it). Handled again and
+            # lost again, RabbitMQ would park it silently; report it and park it with a reason.
+            log.error(
+                "%s was delivered %d times without being settled; giving up",
+                message.type,
+                unsettled,
+                extra=context,
+            )
+            error = PermanentError(
+                f"its {unsettled} earlier deliveries all ended without an ack (a worker died "
+                "or lost its connection while handling it, or its outputs could not be sent)"
+            )
+            return self._give_up(delivery, message, error, "delivery limit")
         try:
             outputs = self.handler.handle(message)
         except TransientError as exc:
@@ -255,8 +272,7 @@ class MessageRunner:
 
     def requeue_delay(self, delivery: Delivery) -> float:
         """The pause before a delivery goes back to its queue: doubling with each delivery."""
-        count = delivery.headers.get(DELIVERY_COUNT_HEADER, 0)
-        count = count if isinstance(count, int) and count > 0 else 0
+        count = delivered_before(delivery)
         return min(self.max_requeue_delay_s, self.requeue_delay_s * 2.0 ** min(count, 30))
 
     @staticmethod

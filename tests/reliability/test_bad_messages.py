@@ -759,3 +759,57 @@ def test_a_command_with_a_timestamp_header_python_cannot_represent_is_synced_at_
     lost = [r.getMessage() for r in caplog.records if "RabbitMQ connection" in r.getMessage()]
     assert lost == []
 
+
+def die_holding(amqp_url: str, queue: str) -> int:
+    """Take one message from `queue` as a worker that dies before acking it; its delivery count."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        for attempt in Retrying(stop=stop_after_delay(10), wait=wait_fixed(0.05), reraise=True):
+            with attempt:
+                method, properties, _ = channel.basic_get(queue, auto_ack=False)
+                assert method is not None
+        return int((properties.headers or {}).get("x-delivery-count", 0))
+    finally:
+        connection.close()  # unacked: RabbitMQ takes the message back
+
+
+@pytest.mark.broker
+def test_a_command_whose_every_handling_dies_is_reported_failed_and_parked_on_its_last_delivery(
+    fleet_servers: SimulatorServers,
+    small_fleet: Scenario,
+    tmp_path: Path,
+    amqp_url: str,
+    topology: Topology,
+) -> None:
+    """Left to the queue's delivery limit, it was parked without a reason and without a report,
+    so `sfsync sync` waited for it until its timeout."""
+    limit = 3
+    settings = settings_for(
+        fleet_servers,
+        tmp_path,
+        SFSYNC_BROKER_URL=amqp_url,
+        SFSYNC_PREFIX=topology.prefix,
+        SFSYNC_DELIVERY_LIMIT=str(limit),
+    )
+    names = build_topology(settings)
+    customer = next(c.id for c in small_fleet.customers if c.sharefile_enabled)
+    run_id = f"run-dies-{uuid.uuid4().hex[:8]}"
+    with running(settings) as roles:  # the topology and a listener, no worker yet
+        tracker, listener = track_run(roles, settings, run_id)
+        tracker.expect([customer])
+        roles.broker.publish(commands_for([customer], run_id))
+        counts = [die_holding(amqp_url, names.sync_queue) for _ in range(limit)]
+        assert counts == list(range(limit))  # RabbitMQ counts each worker that died holding it
+        with running(settings, worker=True) as workers:
+            assert tracker.wait(20), tracker.progress()
+            runner = workers.consumers[0].runner
+            for attempt in Retrying(stop=stop_after_delay(10), wait=wait_fixed(0.05), reraise=True):
+                with attempt:  # parked once its report is confirmed
+                    assert dict(runner.counts) == {Outcome.PARKED: 1}
+        listener.stop()
+    [report] = tracker.result.failed
+    assert f"its {limit} earlier deliveries all ended without an ack" in str(report.error)
+    [(_, headers)] = drain(amqp_url, names.dead_queue(names.sync_queue), 1)
+    assert str(headers[REASON_HEADER]).startswith(f"delivery limit: its {limit} earlier")
+    assert fleet_servers.submissions() == []

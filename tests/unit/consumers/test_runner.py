@@ -231,3 +231,52 @@ def test_an_invalid_event_on_a_listeners_queue_is_dropped_not_sent_to_a_missing_
         assert "dropping a message from t.run.r1, which has no parking queue" in caplog.text
     finally:
         broker.close()
+
+
+class DyingWorkersBroker(MemoryBroker):
+    """The first `deaths` deliveries go to workers that die holding them: back to the queue."""
+
+    def __init__(self, topology: Topology, deaths: int) -> None:
+        super().__init__(topology)
+        self.deaths = deaths
+
+    def consume(self, queue: Any, on_delivery: Any, prefetch: int) -> None:
+        def die_first(delivery: Any) -> None:
+            if self.deaths:
+                self.deaths -= 1
+                delivery.requeue()
+                return
+            on_delivery(delivery)
+
+        super().consume(queue, die_first, prefetch)
+
+
+@pytest.mark.parametrize(("deaths", "handled"), [(2, False), (1, True), (0, True)])
+def test_the_last_delivery_a_work_queue_allows_is_reported_and_parked_not_handled(
+    deaths: int, handled: bool
+) -> None:
+    # Handled once more and lost once more, it would be parked by the queue's delivery limit,
+    # silently: no reason header, and no failure report for `sfsync sync` to wait for.
+    broker = DyingWorkersBroker(Topology(prefix="t", retry_delay_ms=50, delivery_limit=2), deaths)
+    broker.start()
+    try:
+        from adapters.topology import QueueSpec
+
+        broker._declare(QueueSpec("t.events", ("sync.completed", "sync.failed")))
+        handler = ScriptedHandler()
+        outcomes = run(broker, handler, command())
+        assert handler.calls == int(handled)
+        if handled:
+            assert outcomes == [Outcome.ACKED]
+            assert events(broker) == ["sync.completed"]
+            return
+        assert outcomes == [Outcome.PARKED]
+        assert events(broker) == ["sync.failed"]
+        assert (
+            "2 earlier deliveries all ended without an ack"
+            in decode(broker.messages("t.events")[0][0]).payload.error
+        )
+        [(_, headers)] = broker.messages("t.sync.dead")
+        assert headers[REASON_HEADER].startswith("delivery limit: its 2 earlier deliveries")
+    finally:
+        broker.close()
