@@ -111,6 +111,8 @@ class HeldPlan:
     hold_reasons: tuple[HoldReason, ...]
     held_removals: int
     status: HeldStatus
+    # The message id of its last `sync.held` report (its held items are that report's).
+    held_report_id: str = ""
     approvals: tuple[ApprovalRecord, ...] = ()
     # The customer's latest plan report, when it is another plan (what superseded this one).
     latest: ReportRecord | None = None
@@ -155,13 +157,19 @@ def held_plans(
     for plan_id, held in holds.items():
         first, last = held[0], held[-1]
         newest = latest[first.customer_id]
+        plan_approvals = tuple(by_plan.get(plan_id, ()))
+        approval_runs = {a.run_id for a in plan_approvals}
+        # Released by a run that sent its removals on an approval: the plan itself, or the
+        # re-plan its approval asked for (without the provisions that went out with the hold).
         # A dry run with the approval only showed what it would send: it released nothing.
         released = any(
-            r.plan_id == plan_id and r.approved and not r.dry_run and r.outcome != "held"
+            (r.plan_id == plan_id or r.run_id in approval_runs)
+            and r.approved
+            and not r.dry_run
+            and r.outcome != "held"
             for r in planned
             if r.customer_id == first.customer_id
         )
-        plan_approvals = tuple(by_plan.get(plan_id, ()))
         if released:
             status = HeldStatus.RELEASED
         elif newest.plan_id != plan_id:
@@ -179,6 +187,7 @@ def held_plans(
                 hold_reasons=last.hold_reasons,
                 held_removals=last.counts.get("held", 0),
                 status=status,
+                held_report_id=last.message_id,
                 approvals=plan_approvals,
                 latest=newest if newest.plan_id != plan_id else None,
             )

@@ -49,7 +49,8 @@ class SyncCommand(Payload):
     run_id: RunId
     reason: Literal["scheduled", "event", "manual"] = "scheduled"
     dry_run: bool = False
-    # Lifts the safety guard for exactly the plan an operator reviewed (see Policy).
+    # Lifts the safety guard for exactly the removals an operator reviewed: the id of a held
+    # plan's removals alone, or of the held plan itself (see Policy).
     approved_plan_id: str | None = None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
@@ -136,12 +137,27 @@ def plan_id_for(
     customer_id: str, provision: tuple[PlanItem, ...], deprovision: tuple[PlanItem, ...]
 ) -> str:
     """A stable id of a plan's intended actions (before the guard), for an operator to approve."""
-    content = {
-        "customer_id": customer_id,
-        "items": [
-            [item.action.value, item.user_id, item.rule.value, item.sharefile_user_id]
+    return plan_id_of(
+        customer_id,
+        [
+            (item.action.value, item.user_id, item.rule.value, item.sharefile_user_id)
             for item in provision + deprovision
         ],
-    }
+    )
+
+
+def removals_id(customer_id: str, deprovision: tuple[PlanItem, ...]) -> str:
+    """The id of the plan these removals alone would make: what an approval of them names.
+
+    A held plan's provisions go out with it, so its re-plan holds only its removals, and has
+    this id, not the held plan's. It is the held plan's own id when it had no provisions.
+    """
+    return plan_id_for(customer_id, (), deprovision)
+
+
+def plan_id_of(customer_id: str, items: Iterable[tuple[str, str, str, str | None]]) -> str:
+    """`plan_id_for` over (action, user id, rule, ShareFile user id) rows, in the plan's order:
+    the audit trail's rows of a report give the id of its plan (or of its removals) again."""
+    content = {"customer_id": customer_id, "items": [list(item) for item in items]}
     digest = hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()
     return f"plan-{digest[:32]}"

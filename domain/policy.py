@@ -162,6 +162,7 @@ class Policy(BaseModel):
 
     disabled_employees: DisabledEmployees = DisabledEmployees.KEEP
     guard: SafetyGuard = SafetyGuard()
-    # An operator's approval of one held plan: its removals go out only if the new plan has
-    # exactly this id, i.e. nothing changed on either side since the operator looked at it.
+    # An operator's approval of one held plan's removals: they go out only if the new plan's
+    # removals are exactly these (`plan.removals_id`; or the new plan has exactly this id), i.e.
+    # no removal changed since the operator looked at them. Provisions are never held.
     approved_plan_id: str | None = None

@@ -18,6 +18,7 @@ from domain.plan import (
     SkipReason,
     Unmatched,
     plan_id_for,
+    removals_id,
 )
 from domain.policy import DisabledEmployees, Policy
 from domain.records import SharefileState, SharefileUser, SmUser
@@ -195,7 +196,12 @@ def reconcile(
         employees_repeated=repeated,
         absent_removals=sum(item.rule is Rule.ABSENT_FROM_SHAREFILE for item in intended),
     )
-    approved = bool(reasons) and policy.approved_plan_id == plan_id
+    # The approval of a held plan names its removals alone (its provisions went out with it);
+    # one naming this whole plan is honoured too.
+    approved = bool(reasons) and policy.approved_plan_id in (
+        plan_id,
+        removals_id(customer_id, intended),
+    )
     held = bool(reasons) and not approved
     return Plan(
         plan_id=plan_id,

@@ -419,15 +419,17 @@ def approve(
 ) -> None:
     """Release the held removals of PLAN_ID: records who approved, then asks for a re-plan.
 
-    The worker plans the customer again and sends the removals only if the new plan has exactly
-    this id. If anything changed since, the new plan has another id and stays held: this command
-    then says so (exit 1) and `sfsync held` lists the new plan.
+    The worker plans the customer again and sends the removals only if the new plan's removals
+    are exactly the held ones; provisions (those of the held run went out with it) do not count.
+    If a removal changed since, the new plan stays held: this command then says so (exit 1) and
+    `sfsync held` lists the new plan.
     """
     import getpass
 
     from adapters.broker import Outgoing
-    from domain.audit import ApprovalRecord, HeldStatus
+    from domain.audit import ApprovalRecord, Category, HeldStatus
     from domain.messages import SyncCommand
+    from domain.plan import plan_id_of
     from sfsync.audit import running_with_audit, wait_until_recorded
     from sfsync.bootstrap import new_run_id, track_run, utc_now
 
@@ -456,8 +458,18 @@ def approve(
             )
         approver = settings.approver or getpass.getuser()
         run_id = new_run_id()
+        # The approval names the held removals alone: the plan's provisions went out with the
+        # hold, so the re-plan has only the removals, and their id (domain.plan.removals_id).
+        held = [
+            (item.action or "", item.user_id or "", item.rule or "", item.sharefile_user_id)
+            for item in store.items_of_report(plan.held_report_id)
+            if item.category is Category.HELD
+        ]
         command = SyncCommand(
-            customer_id=plan.customer_id, run_id=run_id, reason="manual", approved_plan_id=plan_id
+            customer_id=plan.customer_id,
+            run_id=run_id,
+            reason="manual",
+            approved_plan_id=plan_id_of(plan.customer_id, held) if held else plan_id,
         )
         local = settings.uses_memory_broker  # nobody else consumes an in-process broker
         with (
@@ -543,7 +555,13 @@ def _explain_replan(plan_id: str, report: SyncReport, result: RunResult) -> int:
             statuses[status] = statuses.get(status, 0) + 1
     answered = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "no answer yet"
     counts = report.counts
-    if report.approved:
+    if report.approved and report.plan_id != plan_id:
+        click.echo(
+            f"released: the {counts.get('deprovision', 0)} removals of {plan_id} requested as "
+            f"plan {report.plan_id}, with {counts.get('provision', 0)} provisions (the held "
+            f"run's provisions went out with it); Services Manager: {answered}"
+        )
+    elif report.approved:
         click.echo(
             f"released: {counts.get('deprovision', 0)} removals and "
             f"{counts.get('provision', 0)} provisions of {plan_id} requested; "

@@ -17,8 +17,10 @@ from adapters.audit_store import AuditStore
 from domain.messages import envelope, report_payload
 from domain.report import SyncReport
 from sfsync.cli import EXIT_CONFIG, EXIT_RUN_FAILED, main
-from simulators import DEMO_SCENARIO_PATH, load_scenario
+from simulators import DEMO_SCENARIO_PATH, Scenario, load_scenario
 from tests.e2e.conftest import settings_env
+
+HELD_CUSTOMER = "cust-0007"  # the demo's customer whose removals the guard holds
 
 
 def cli(*args: str, env: dict[str, str]) -> Result:
@@ -159,6 +161,59 @@ def test_a_held_plan_is_listed_and_approving_it_releases_exactly_its_removals(
     assert why.index("held deprovision") < why.index("answer     accepted")
 
 
+def demo_with_a_joiner_at_the_held_customer() -> Scenario:
+    """The demo, where the customer whose removals are held also has an employee to provision."""
+    document = json.loads(DEMO_SCENARIO_PATH.read_text(encoding="utf-8"))
+    document["expected"] = None
+    held = next(c for c in document["customers"] if c["id"] == HELD_CUSTOMER)
+    user, employee = held["sm_users"][0], held["sharefile_employees"][0]
+    held["sm_users"].append(
+        {
+            **user,
+            "id": "u-000799",
+            "username": "joiner@umbrella.example",
+            "email": "Joiner@Umbrella.example",
+            "sharefile": {**user["sharefile"], "state": "not_provisioned"},
+        }
+    )
+    held["sharefile_employees"].append(
+        {
+            **employee,
+            "Id": "00000007-3c1d-4e2f-9a5b-000000000799",
+            "Email": "joiner@umbrella.example",
+        }
+    )
+    return Scenario.model_validate(document)
+
+
+def test_approving_a_held_plan_whose_provisions_went_out_with_the_hold_releases_it_at_once(
+    start_fleet, tmp_path: Path
+) -> None:
+    # The held run sent the provision, so the re-plan holds only the removals: another plan id.
+    # The approval names those removals, and is not refused for the provision that went out.
+    sims = start_fleet(demo_with_a_joiner_at_the_held_customer())
+    env = audit_env(sims, tmp_path)
+    document = run_cycle(env)
+    [held_report] = [r for r in document["reports"] if r["outcome"] == "held"]
+    assert held_report["customer_id"] == HELD_CUSTOMER
+    assert [i["user_id"] for i in held_report["provision"]] == ["u-000799"]
+    plan_id = held_report["plan_id"]
+    removals = {item["user_id"] for item in held_report["held"]}
+    assert sims.sm_states()[HELD_CUSTOMER]["u-000799"] == "provisioned"
+
+    approved = cli("approve", plan_id, env=env)
+
+    assert approved.exit_code == 0, approved.output
+    assert f"released: the {len(removals)} removals of {plan_id} requested as plan plan-" in (
+        approved.stdout
+    )
+    assert "with 0 provisions" in approved.stdout
+    after = sims.sm_states()[HELD_CUSTOMER]
+    assert {u for u, state in after.items() if state == "not_provisioned"} == removals
+    statuses = json.loads(cli("held", "--all", "--format", "json", env=env).stdout)
+    assert [(p["plan_id"], p["status"]) for p in statuses] == [(plan_id, "released")]
+
+
 def test_an_approval_of_a_plan_that_no_longer_matches_is_refused_and_says_so(
     start_fleet, tmp_path: Path
 ) -> None:
@@ -167,9 +222,14 @@ def test_an_approval_of_a_plan_that_no_longer_matches_is_refused_and_says_so(
     document = run_cycle(env)
     [held_report] = [r for r in document["reports"] if r["outcome"] == "held"]
     customer, real_plan = held_report["customer_id"], held_report["plan_id"]
-    # An operator looked at a plan from a state that has changed since: the re-plan differs.
+    # An operator looked at a plan from a state that has changed since: one removal fewer.
     stale = SyncReport.model_validate(
-        {**held_report, "plan_id": "plan-stale", "run_id": "run-stale"}
+        {
+            **held_report,
+            "plan_id": "plan-stale",
+            "run_id": "run-stale",
+            "held": held_report["held"][1:],
+        }
     )
     store = AuditStore.open(env["SFSYNC_DATABASE_URL"])
     try:

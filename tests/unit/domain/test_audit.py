@@ -76,6 +76,20 @@ def test_a_plan_sent_by_a_later_approved_run_is_released() -> None:
     assert status_of("p1", reports, [approval("p1", 2)]) is HeldStatus.RELEASED
 
 
+def test_a_plan_whose_approved_removals_went_out_under_another_plan_id_is_released() -> None:
+    # Its provisions went out with the hold: the re-plan of its removals alone has another id.
+    replan = report(3, "completed", "p1-removals", run="run-2", approved=True)
+    reports = [report(1, "held", "p1"), replan]
+    assert status_of("p1", reports, [approval("p1", 2)]) is HeldStatus.RELEASED
+    # Without the approval's run, another plan's release does not release this one.
+    assert status_of("p1", reports) is HeldStatus.SUPERSEDED
+
+
+def test_a_held_plan_names_its_last_held_report() -> None:
+    [plan] = held_plans([report(1, "held", "p1"), report(2, "held", "p1")], [])
+    assert plan.held_report_id == "m-cust-1-2"
+
+
 def test_a_refused_approval_leaves_the_old_plan_superseded_and_the_new_one_open() -> None:
     reports = [report(1, "held", "p1"), report(3, "held", "p2")]
     plans = {p.plan_id: p for p in held_plans(reports, [approval("p1", 2)])}

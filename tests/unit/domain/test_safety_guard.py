@@ -5,9 +5,11 @@ Deprovisioning deletes a user's ShareFile account, so every threshold is tested 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from domain.plan import Plan
+from domain.plan import Plan, removals_id
 from domain.policy import DisabledEmployees, HoldCode, Policy, SafetyGuard
 from domain.reconcile import reconcile
 from domain.records import SharefileState, SharefileUser, SmUser
@@ -379,6 +381,60 @@ def test_approval_for_another_customer_does_not_release() -> None:
     )
 
     assert_held(other, leaving=26)
+
+
+def replan_after_the_hold(*, staying: int, leaving: int, joining: int, policy: Policy) -> Plan:
+    """The customer again after a held run sent its provisions: the joiners are in flight."""
+    sm_users, employees = customer(staying=staying, leaving=leaving, joining=joining)
+    in_flight = [
+        dataclasses.replace(u, state=SharefileState.PROVISIONING)
+        if u.state is SharefileState.NOT_PROVISIONED
+        else u
+        for u in sm_users
+    ]
+    return reconcile(in_flight, employees, policy, customer_id="cust-1")
+
+
+def test_approving_the_removals_of_a_held_plan_with_provisions_releases_them_in_the_re_plan() -> (
+    None
+):
+    held = run(staying=174, leaving=26, joining=3)
+    assert len(held.provision) == 3 and len(held.held) == 26  # the provisions went out
+    approval = removals_id("cust-1", held.held)
+
+    replan = replan_after_the_hold(
+        staying=174, leaving=26, joining=3, policy=Policy(approved_plan_id=approval)
+    )
+
+    assert replan.plan_id == approval != held.plan_id  # only the removals are left to send
+    assert replan.approved is True
+    assert replan.deprovision == held.held
+    assert replan.provision == () and len(replan.pending) == 3
+
+
+def test_an_approval_naming_the_whole_held_plan_does_not_release_its_re_plan() -> None:
+    held = run(staying=174, leaving=26, joining=3)
+
+    replan = replan_after_the_hold(
+        staying=174, leaving=26, joining=3, policy=Policy(approved_plan_id=held.plan_id)
+    )
+
+    assert_held(replan, leaving=26)
+
+
+def test_approved_removals_go_out_whatever_is_provisioned_with_them_but_only_those() -> None:
+    held = run(staying=174, leaving=26)
+    approval = removals_id("cust-1", held.held)
+    assert approval == held.plan_id  # a plan of removals alone is its own removals' plan
+
+    more_joiners = run(staying=174, leaving=26, joining=5, policy=Policy(approved_plan_id=approval))
+    one_more_leaver = run(
+        staying=173, leaving=27, joining=5, policy=Policy(approved_plan_id=approval)
+    )
+
+    assert more_joiners.approved and more_joiners.deprovision == held.held
+    assert len(more_joiners.provision) == 5
+    assert_held(one_more_leaver, leaving=27)
 
 
 def test_approval_of_a_plan_that_needs_none_changes_nothing() -> None:
