@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NotRequired, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -44,7 +44,9 @@ class _UsersPage(TypedDict):
     """A users page as the contract has it, for the one-pass fast path (`validated_page`)."""
 
     items: list[SmUser]
-    next_cursor: NotRequired[str | None]
+    # Required, as the contract has it (null on the last page): a page without it, say with the
+    # key renamed, would otherwise end the list after one page without a word.
+    next_cursor: str | None
 
 
 _USERS_PAGE = TypeAdapter(_UsersPage)
@@ -95,7 +97,16 @@ class ServicesManagerClient(HttpApiClient):
     def get_customer(self, customer_id: str) -> Customer:
         url = f"{self._base}/customers/{_segment(customer_id)}"
         body = self._request("GET", url, call=CALL_GET_CUSTOMER, customer_id=customer_id)
-        return self._customer(body, call=CALL_GET_CUSTOMER, index=None, customer_id=customer_id)
+        customer = self._customer(body, call=CALL_GET_CUSTOMER, index=None, customer_id=customer_id)
+        if customer.id != customer_id:
+            # Another customer's record names another ShareFile account: reconciled against this
+            # customer's users, its employees would make every one of them look absent.
+            raise malformed(
+                f"asked for customer {customer_id!r}, got {customer.id!r}",
+                call=CALL_GET_CUSTOMER,
+                customer_id=customer_id,
+            )
+        return customer
 
     # -- users -------------------------------------------------------------------------------
 
@@ -204,7 +215,7 @@ class ServicesManagerClient(HttpApiClient):
             page = validated_page(response, fast) if fast is not None else None
             items: list[object]
             if page is not None:
-                items, next_cursor = cast(list[object], page["items"]), page.get("next_cursor")
+                items, next_cursor = cast(list[object], page["items"]), page["next_cursor"]
             else:
                 items, next_cursor = self._raw_page(response, call=call, customer_id=customer_id)
             page_validated = page is not None
@@ -245,7 +256,13 @@ class ServicesManagerClient(HttpApiClient):
             raise malformed(
                 "expected an object with an 'items' list", call=call, customer_id=customer_id
             )
-        next_cursor = body.get("next_cursor")
+        if "next_cursor" not in body:
+            raise malformed(
+                "the page has no 'next_cursor' (null on the last page)",
+                call=call,
+                customer_id=customer_id,
+            )
+        next_cursor = body["next_cursor"]
         if next_cursor is not None and not isinstance(next_cursor, str):
             raise malformed(
                 "'next_cursor' is neither a string nor null", call=call, customer_id=customer_id

@@ -330,7 +330,9 @@ class ShareFileClient(HttpApiClient):
             fast if fast is not None else parse_json(response, call=call, customer_id=customer_id)
         )
         del response
-        page = self._page(body, page_url, token, call=call, customer_id=customer_id)
+        page = self._page(
+            body, page_url, token, resource=resource, call=call, customer_id=customer_id
+        )
         page.validated = fast is not None
         return page
 
@@ -338,7 +340,14 @@ class ShareFileClient(HttpApiClient):
         return f"{urljoin(token.api_base, resource)}?$select={SELECTED_FIELDS}"
 
     def _page(
-        self, body: Any, page_url: str, token: _Token, *, call: str, customer_id: str
+        self,
+        body: Any,
+        page_url: str,
+        token: _Token,
+        *,
+        resource: str,
+        call: str,
+        customer_id: str,
     ) -> _Page:
         """Check an OData page's shape; accept OData v3 and v4 spellings and string counts."""
         if not isinstance(body, dict):
@@ -372,6 +381,14 @@ class ShareFileClient(HttpApiClient):
             # Following it would send this account's bearer token to another host.
             raise malformed(
                 f"odata.nextLink leaves the account's API ({httpx.URL(next_url).host})",
+                call=call,
+                customer_id=customer_id,
+            )
+        if not _same_path(next_url, urljoin(token.api_base, resource)):
+            # Another feed (Accounts/Clients) or another account's path: its users would be
+            # taken for this feed's, and the employees not read would look absent.
+            raise malformed(
+                f"odata.nextLink leaves the {resource} feed ({httpx.URL(next_url).path})",
                 call=call,
                 customer_id=customer_id,
             )
@@ -513,10 +530,20 @@ class ShareFileClient(HttpApiClient):
         )
 
     def _api_base(self, subdomain: str, answer: _TokenAnswer, customer_id: str) -> str:
+        if answer.subdomain is not None and answer.subdomain.lower() != subdomain.lower():
+            # The credentials logged into another account (a shared "*" entry, say): its
+            # employees are not this customer's, and every user of this one would look absent.
+            raise PermanentError(
+                f"the credentials for subdomain {subdomain!r} log into the ShareFile account "
+                f"{answer.subdomain!r}; check the customer's subdomain in Services Manager and "
+                "the credentials file",
+                customer_id=customer_id,
+                call=CALL_TOKEN,
+            )
         if self._api_url_template is not None:
             base = self._api_url_template.format(subdomain=subdomain)
         else:
-            host_subdomain = answer.subdomain or subdomain
+            host_subdomain = subdomain
             control_plane = answer.apicp or DEFAULT_API_CONTROL_PLANE
             if not _SUBDOMAIN.match(host_subdomain) or not _HOST_SUFFIX.match(control_plane):
                 raise malformed(
@@ -563,3 +590,8 @@ def _same_origin(url: str, base: str) -> bool:
         other.host.lower(),
         other.port,
     )
+
+
+def _same_path(url: str, feed: str) -> bool:
+    """Whether `url` is a page of `feed`: the same path (only the query may differ)."""
+    return httpx.URL(url).path.rstrip("/").lower() == httpx.URL(feed).path.rstrip("/").lower()

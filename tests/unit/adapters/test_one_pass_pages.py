@@ -171,7 +171,7 @@ def test_valid_pages_take_the_one_pass_path(monkeypatch: pytest.MonkeyPatch) -> 
     sm_user = {"id": "u-1", "sharefile": {"state": "provisioned"}, "email": "a@b.example"}
 
     def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"items": [sm_user] * 5})
+        return httpx.Response(200, json={"items": [sm_user] * 5, "next_cursor": None})
 
     sm = services_manager.ServicesManagerClient(
         BASE, TOKEN, http=httpx.Client(transport=httpx.MockTransport(answer)), retry=sm_policy()

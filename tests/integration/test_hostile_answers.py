@@ -1,0 +1,174 @@
+"""Answers no honest API gives, from a scripted loopback server: each must fail the customer, never
+hand the worker a user set that is another account's, another feed's or cut short.
+
+A user set that is wrong in these ways makes employees look absent, and a removal deletes the
+user's ShareFile account: every case here once ended in removals (or in a silently short list).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from adapters.credentials import CredentialStore
+from adapters.http import RetryPolicy, new_http_client
+from adapters.services_manager import ServicesManagerClient
+from adapters.sharefile import ShareFileClient
+from domain.errors import PermanentError
+from domain.records import Customer
+from tests.scripted_api import Answer, ScriptedApi, scripted_api
+
+CREDENTIALS = {"client_id": "cid", "client_secret": "secret", "username": "svc@x", "password": "pw"}
+FAST = RetryPolicy(attempts=2, total_seconds=2.0, initial_backoff_s=0.01, max_backoff_s=0.02)
+ACME = Customer(id="cust-acme", sharefile_enabled=True, subdomain="acme")
+
+
+def token_answer(**extra: Any) -> dict[str, Any]:
+    return {
+        "access_token": "tok",
+        "refresh_token": "ref",
+        "token_type": "bearer",
+        "expires_in": 28800,
+        **extra,
+    }
+
+
+def contact(number: int) -> dict[str, Any]:
+    return {"Id": f"sf-{number}", "Email": f"user{number}@acme.example", "IsDisabled": False}
+
+
+def sm_user(number: int) -> dict[str, Any]:
+    return {
+        "id": f"u-{number}",
+        "email": f"user{number}@acme.example",
+        "sharefile": {"state": "provisioned", "updated_at": "2026-11-20T10:00:00Z"},
+    }
+
+
+@contextmanager
+def sharefile(api: ScriptedApi) -> Iterator[ShareFileClient]:
+    with new_http_client(timeout_s=5.0) as http:
+        yield ShareFileClient(
+            CredentialStore.from_mapping({"*": CREDENTIALS}),
+            token_url_template=api.base_url + "/{subdomain}/oauth/token",
+            api_url_template=api.base_url + "/{subdomain}/sf/v3/",
+            http=http,
+            retry=FAST,
+        )
+
+
+@contextmanager
+def services_manager(api: ScriptedApi) -> Iterator[ServicesManagerClient]:
+    with new_http_client(timeout_s=5.0) as http:
+        yield ServicesManagerClient(api.base_url + "/api/v1", "sm-token", http=http, retry=FAST)
+
+
+# -- ShareFile --------------------------------------------------------------------------------
+
+
+def test_credentials_that_log_into_another_account_fail_the_customer() -> None:
+    # A shared "*" credentials entry, say: the token is another account's, and so would be the
+    # employees; every user of this customer would look absent.
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer(subdomain="bigcorp", apicp="sf-api.com")
+        return 200, {"odata.count": 1, "value": [contact(1)]}
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        with pytest.raises(PermanentError, match="log into the ShareFile account 'bigcorp'"):
+            list(client.employees(ACME))
+        assert api.paths("/acme/sf/v3") == []  # no feed was read
+
+
+def test_a_token_answer_naming_the_same_account_in_other_case_is_fine() -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer(subdomain="ACME")
+        return 200, {"odata.count": 1, "value": [contact(1)]}
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        assert [u.id for u in client.employees(ACME)] == ["sf-1"]
+
+
+@pytest.mark.parametrize(
+    "next_link",
+    [
+        "/acme/sf/v3/Accounts/Clients?$skip=1",  # the client users, taken for employees
+        "/other/sf/v3/Accounts/Employees?$skip=1",  # another account's feed, with our token
+    ],
+)
+def test_a_next_link_to_another_feed_fails_the_customer(next_link: str) -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        if "$skip" not in path:
+            return 200, {"odata.count": 2, "value": [contact(1)], "odata.nextLink": next_link}
+        return 200, {"value": [contact(2)]}
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        with pytest.raises(PermanentError, match=r"odata\.nextLink leaves the Accounts/Employees"):
+            list(client.employees(ACME))
+        assert len(api.paths("/")) == 2  # the token and the first page; the link not followed
+
+
+def test_a_next_link_within_the_feed_is_followed() -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        if "$skip" not in path:
+            nxt = "/acme/sf/v3/accounts/employees/?$skip=1"  # case and slash may differ
+            return 200, {"odata.count": 2, "value": [contact(1)], "odata.nextLink": nxt}
+        return 200, {"value": [contact(2)]}
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        assert [u.id for u in client.employees(ACME)] == ["sf-1", "sf-2"]
+
+
+# -- Services Manager -------------------------------------------------------------------------
+
+
+def test_another_customers_record_for_a_customer_fails_it() -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        record = {"id": "cust-big", "sharefile": {"enabled": True, "subdomain": "big"}}
+        return 200, record
+
+    with (
+        scripted_api(route) as api,
+        services_manager(api) as client,
+        pytest.raises(PermanentError, match="asked for customer 'cust-acme', got 'cust-big'"),
+    ):
+        client.get_customer("cust-acme")
+
+
+@pytest.mark.parametrize("cursor_key", ["nextCursor", None])
+def test_a_users_page_without_next_cursor_fails_instead_of_ending_the_list(
+    cursor_key: str | None,
+) -> None:
+    # The contract always sends next_cursor (null on the last page). Without it (a renamed key),
+    # the list ended after the first page and the sync went on with a part of the users.
+    def route(method: str, path: str, body: bytes) -> Answer:
+        cursor = parse_qs(urlparse(path).query).get("cursor", ["0"])[0]
+        page: dict[str, Any] = {"items": [sm_user(int(cursor))]}
+        if cursor_key is not None:
+            page[cursor_key] = str(int(cursor) + 1) if cursor == "0" else None
+        return 200, page
+
+    with (
+        scripted_api(route) as api,
+        services_manager(api) as client,
+        pytest.raises(PermanentError, match="has no 'next_cursor'"),
+    ):
+        list(client.list_users("cust-acme"))
+
+
+def test_a_users_page_with_a_null_next_cursor_ends_the_list() -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        return 200, json.loads('{"items": [], "next_cursor": null}')
+
+    with scripted_api(route) as api, services_manager(api) as client:
+        assert list(client.list_users("cust-acme")) == []
