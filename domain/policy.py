@@ -56,6 +56,7 @@ class SafetyGuard(BaseModel):
         employees_matchable: int | None = None,
         employees_repeated: int = 0,
         absent_removals: int | None = None,
+        sm_users_repeated: int = 0,
     ) -> tuple[HoldReason, ...]:
         """Every reason to hold the removals of a plan; empty when they may go out."""
         if deprovisions == 0:
@@ -123,6 +124,18 @@ class SafetyGuard(BaseModel):
                     message=(
                         f"ShareFile listed {employees_repeated} employees twice: the account "
                         "changed while its pages were read, and others may be missing"
+                    ),
+                )
+            )
+        if sm_users_repeated:
+            # Services Manager's pages changed while read: its counts (the ratio's base) and
+            # users are not one consistent list.
+            reasons.append(
+                HoldReason(
+                    code=HoldCode.SOURCE_INCOMPLETE,
+                    message=(
+                        f"Services Manager listed {sm_users_repeated} users twice: its pages "
+                        "changed while they were read"
                     ),
                 )
             )

@@ -63,6 +63,7 @@ def reconcile(
     pending: list[tuple[str, Pending]] = []
     skipped_keyed: list[tuple[str, Skipped]] = []
     sm_count = 0
+    sm_repeated = 0
     provisioned_before = 0
     keep_disabled = policy.disabled_employees is DisabledEmployees.KEEP
     provisioned = SharefileState.PROVISIONED
@@ -96,6 +97,13 @@ def reconcile(
         if sf is not None and sf.email == key:
             key = sf.email  # the same text: keep ShareFile's string object, not a second copy
         if key in sm_first:
+            if sm_first[key] == sm.id:
+                # The same user again (a cursor that replayed a page): counted once, and the
+                # guard holds removals planned from a list that changed while it was read.
+                sm_repeated += 1
+                sm_count -= 1
+                provisioned_before -= state is provisioned
+                continue
             # A second user on this key: a conflict. The first user's outcome is dropped below.
             sm_duplicates.setdefault(key, [sm_first[key]]).append(sm.id)
             continue
@@ -194,6 +202,7 @@ def reconcile(
         employees_declared=sharefile_declared,
         employees_matchable=employees - unmatchable,
         employees_repeated=repeated,
+        sm_users_repeated=sm_repeated,
         absent_removals=sum(item.rule is Rule.ABSENT_FROM_SHAREFILE for item in intended),
     )
     # The approval of a held plan names its removals alone (its provisions went out with it);

@@ -283,6 +283,29 @@ def test_an_employee_listed_again_under_a_new_address_holds_removals() -> None:
     assert plan.sharefile_employees == 29 and plan.unmatched == ()  # kept once, the first time
 
 
+def test_services_manager_users_listed_twice_count_once_and_hold_removals() -> None:
+    # A cursor that replayed a page: 20 provisioned users listed again made the ratio's base
+    # 60 instead of 40, and 10 removals (25 %) went out under the 20 % limit.
+    sm_users, employees = customer(staying=30, leaving=10)
+    replayed = [*sm_users, *sm_users[:20]]
+
+    plan = reconcile(replayed, employees, customer_id="cust-1")
+
+    assert plan.deprovision == () and len(plan.held) == 10
+    assert plan.provisioned_before == 40 and plan.sm_users == 40
+    assert plan.conflicts == ()  # a user listed twice is not two users on one address
+    assert "Services Manager listed 20 users twice" in plan.hold_reasons[0].message
+    assert codes(plan) == {HoldCode.SOURCE_INCOMPLETE, HoldCode.DEPROVISION_RATIO}
+
+
+def test_services_manager_users_listed_twice_without_removals_change_nothing() -> None:
+    sm_users, employees = customer(staying=30, leaving=0, joining=2)
+
+    plan = reconcile([*sm_users, *sm_users], employees, customer_id="cust-1")
+
+    assert plan == reconcile(sm_users, employees, customer_id="cust-1")
+
+
 def test_two_users_on_one_address_are_still_a_conflict_next_to_a_repeat() -> None:
     sm_users = [SmUser(id="u-1", state=PROVISIONED, email="twin@acme.example")]
     first = SharefileUser(id="sf-1", email="twin@acme.example")
