@@ -664,9 +664,10 @@ class AmqpBroker:
             except pika.exceptions.AMQPError as exc:
                 batch.settle_one(TransientError(f"publish failed: {exc!r}", call="publish"))
                 continue
-            except (UnicodeError, ValueError, TypeError) as exc:
-                # pika encodes a frame before it writes it: a property it cannot encode fails
-                # this one message, and must not end the I/O thread that all the others need.
+            except Exception as exc:  # noqa: BLE001 - see below
+                # pika encodes a frame before it writes it: a property it cannot encode (a
+                # UnicodeError, a struct.error for an int over 64 bits, ...) fails this one
+                # message, and must not end the I/O thread that all the others need.
                 batch.settle_one(
                     PermanentError(
                         f"message could not be encoded: {type(exc).__name__}", call="publish"

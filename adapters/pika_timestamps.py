@@ -24,14 +24,21 @@ from typing import Any
 import pika.data
 
 _TIMESTAMP = b"T"
-_OUT_OF_RANGE = 2**63  # year ~292 billion: no datetime holds it
+_OUT_OF_RANGE = 2**63  # year ~292 billion: no datetime holds it, nor pika's signed 64-bit int
 # pika's own decoder, as imported (before install() guards it).
 PIKA_DECODE_VALUE: Callable[[bytes, int], tuple[Any, int]] = pika.data.decode_value
 
 
 def decode_timestamp(encoded: bytes, offset: int) -> tuple[datetime | int, int]:
-    """The 'T' value at `offset` (just after its type byte): a datetime, or its raw seconds."""
+    """The 'T' value at `offset` (just after its type byte): a datetime, or its raw seconds.
+
+    Raw seconds from 2**63 up are read as the signed number a Java client meant (a time before
+    1970): pika writes an int back as a signed 64-bit value, and cannot write a larger one, so a
+    retry or parking copy of the message would fail to publish.
+    """
     (seconds,) = struct.unpack_from(">Q", encoded, offset)
+    if seconds >= _OUT_OF_RANGE:
+        return seconds - 2**64, offset + 8
     try:
         return datetime.fromtimestamp(seconds, UTC), offset + 8
     except (ValueError, OverflowError, OSError):

@@ -32,6 +32,7 @@ from adapters import metrics
 from adapters.broker import Broker, Delivery, Outgoing, attempt_of, delivered_before
 from adapters.topology import (
     ATTEMPT_HEADER,
+    DELIVERY_COUNT_HEADER,
     FROM_QUEUE_HEADER,
     REASON_HEADER,
     ROUTING_KEY_HEADER,
@@ -296,6 +297,8 @@ class MessageRunner:
     @staticmethod
     def _copy(delivery: Delivery, queue: str, *, attempt: int, reason: str) -> Outgoing:
         headers = dict(delivery.headers)
+        # RabbitMQ's count of this queue's deliveries: a copy starts a count of its own.
+        headers.pop(DELIVERY_COUNT_HEADER, None)
         headers.update(
             {
                 ATTEMPT_HEADER: attempt,

@@ -760,6 +760,49 @@ def test_a_command_with_a_timestamp_header_python_cannot_represent_is_synced_at_
     assert lost == []
 
 
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    "timestamp", [1_772_000_000_000, 2**64 - 14_256_000], ids=["milliseconds", "java-before-1970"]
+)
+def test_a_command_with_such_a_header_is_parked_with_it_and_the_worker_goes_on(
+    fleet_servers: SimulatorServers,
+    small_fleet: Scenario,
+    tmp_path: Path,
+    amqp_url: str,
+    topology: Topology,
+    wire_timestamps: None,
+    caplog: pytest.LogCaptureFixture,
+    timestamp: int,
+) -> None:
+    """The parking copy carries the message's headers: a value decoded so that pika could not
+    encode it again (an int of 2**63 or more) ended the worker's I/O thread for good."""
+    settings = settings_for(
+        fleet_servers, tmp_path, SFSYNC_BROKER_URL=amqp_url, SFSYNC_PREFIX=topology.prefix
+    )
+    names = build_topology(settings)
+    customer = next(c.id for c in small_fleet.customers if c.sharefile_enabled)
+    run_id = f"run-ts-{uuid.uuid4().hex[:8]}"
+    # A customer Services Manager does not know: a permanent failure, reported, then parked.
+    unknown, known = commands_for(["cust-unknown", customer], run_id)
+    sent_at = {"x-sent-at": WireTimestamp(timestamp)}
+    with running(settings, worker=True, submitter=True) as roles:
+        tracker, listener = track_run(roles, settings, run_id)
+        tracker.expect(["cust-unknown", customer])
+        roles.broker.publish([dataclasses.replace(unknown, headers=sent_at)])
+        for attempt in Retrying(stop=stop_after_delay(20), wait=wait_fixed(0.1), reraise=True):
+            with attempt:
+                assert queue_depth(amqp_url, names.dead_queue(names.sync_queue)) == 1
+        roles.broker.publish([known])  # the worker's connection still works
+        assert tracker.wait(20), tracker.progress()
+        listener.stop()
+    assert [r.customer_id for r in tracker.result.failed] == ["cust-unknown"]
+    assert tracker.result.reports[customer].outcome is ReportOutcome.COMPLETED
+    [(_, headers)] = drain(amqp_url, names.dead_queue(names.sync_queue), 1)
+    assert headers["x-sent-at"] == (timestamp if timestamp < 2**63 else timestamp - 2**64)
+    lost = [r.getMessage() for r in caplog.records if "RabbitMQ connection" in r.getMessage()]
+    assert lost == []
+
+
 def die_holding(amqp_url: str, queue: str) -> int:
     """Take one message from `queue` as a worker that dies before acking it; its delivery count."""
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))

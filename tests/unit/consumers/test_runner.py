@@ -278,5 +278,6 @@ def test_the_last_delivery_a_work_queue_allows_is_reported_and_parked_not_handle
         )
         [(_, headers)] = broker.messages("t.sync.dead")
         assert headers[REASON_HEADER].startswith("delivery limit: its 2 earlier deliveries")
+        assert "x-delivery-count" not in headers  # the work queue's count, not the copy's
     finally:
         broker.close()
