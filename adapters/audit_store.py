@@ -684,6 +684,16 @@ class AuditStore:
                 for row in connection.execute(query).mappings()
             ]
 
+    def approved_commands(self) -> list[tuple[str, str]]:
+        """(approved plan id, run id) of every stored command that carried an approval."""
+        query = (
+            sa.select(commands.c.approved_plan_id, commands.c.run_id)
+            .where(commands.c.approved_plan_id.is_not(None))
+            .order_by(commands.c.occurred_at)
+        )
+        with self._read() as connection:
+            return [(row[0], row[1]) for row in connection.execute(query)]
+
     def items_of_user(self, customer_id: str, user: str) -> list[ItemRecord]:
         """Every report line of one customer that names this SM user id, ShareFile user id or
         e-mail address (any spelling: compared by normalise_email)."""

@@ -134,13 +134,20 @@ def one_per_plan(reports: Iterable[ReportRecord]) -> list[ReportRecord]:
 
 
 def held_plans(
-    reports: Iterable[ReportRecord], approvals: Iterable[ApprovalRecord]
+    reports: Iterable[ReportRecord],
+    approvals: Iterable[ApprovalRecord],
+    approved_commands: Iterable[tuple[str, str]] = (),
 ) -> list[HeldPlan]:
     """Every plan that was ever held, with its status now, oldest first.
 
     Only reports with a plan count (a failed run says nothing about the plan); the customer's
-    latest such report decides whether a held plan was superseded.
+    latest such report decides whether a held plan was superseded. `approved_commands` are the
+    (approved plan id, run id) of commands that carried an approval without a recorded one
+    (`sfsync sync --approve-plan`): their runs may release the plan too.
     """
+    command_runs: dict[str, set[str]] = {}
+    for approved_plan_id, run_id in approved_commands:
+        command_runs.setdefault(approved_plan_id, set()).add(run_id)
     planned = [r for r in one_per_plan(reports) if r.plan_id is not None]
     by_plan: dict[str, list[ApprovalRecord]] = {}
     for approval in sorted(approvals, key=lambda a: a.approved_at):
@@ -158,7 +165,7 @@ def held_plans(
         first, last = held[0], held[-1]
         newest = latest[first.customer_id]
         plan_approvals = tuple(by_plan.get(plan_id, ()))
-        approval_runs = {a.run_id for a in plan_approvals}
+        approval_runs = {a.run_id for a in plan_approvals} | command_runs.get(plan_id, set())
         # Released by a run that sent its removals on an approval: the plan itself, or the
         # re-plan its approval asked for (without the provisions that went out with the hold).
         # A dry run with the approval only showed what it would send: it released nothing.

@@ -322,7 +322,9 @@ def _write_csv(items: list[Any]) -> None:
 def _held_plans(store: AuditStore) -> list[HeldPlan]:
     from domain.audit import held_plans
 
-    return held_plans(store.reports_of_customers_with_holds(), store.approvals())
+    return held_plans(
+        store.reports_of_customers_with_holds(), store.approvals(), store.approved_commands()
+    )
 
 
 @click.command()
@@ -508,8 +510,8 @@ def approve(
                 )
                 if not (wait or local):
                     click.echo(
-                        "a worker plans the customer again: the removals go out only if the new "
-                        "plan is this one; otherwise it stays held (see `sfsync held`)"
+                        "a worker plans the customer again: the removals go out only if they are "
+                        "still exactly the held ones; otherwise it stays held (see `sfsync held`)"
                     )
                     return
                 finished = tracker.wait(timeout)
@@ -558,8 +560,8 @@ def _explain_replan(plan_id: str, report: SyncReport, result: RunResult) -> int:
     if report.approved and report.plan_id != plan_id:
         click.echo(
             f"released: the {counts.get('deprovision', 0)} removals of {plan_id} requested as "
-            f"plan {report.plan_id}, with {counts.get('provision', 0)} provisions (the held "
-            f"run's provisions went out with it); Services Manager: {answered}"
+            f"plan {report.plan_id} (the same removals, other provisions: "
+            f"{counts.get('provision', 0)}); Services Manager: {answered}"
         )
     elif report.approved:
         click.echo(

@@ -397,6 +397,7 @@ def test_commands_are_stored_with_their_approved_plan(store: AuditStore) -> None
     assert store.record(STAMP(command, correlation_id="run-9"))
     assert store.record(STAMP(requested, correlation_id="request-crm"))
     assert store.table_counts()["audit_commands"] == 2
+    assert store.approved_commands() == [("plan-h", "run-9")]
 
 
 def test_approvals_are_recorded_and_can_be_withdrawn(store: AuditStore) -> None:

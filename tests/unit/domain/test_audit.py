@@ -85,6 +85,16 @@ def test_a_plan_whose_approved_removals_went_out_under_another_plan_id_is_releas
     assert status_of("p1", reports) is HeldStatus.SUPERSEDED
 
 
+def test_a_plan_released_by_a_command_that_carried_its_approval_is_released() -> None:
+    # `sfsync sync --approve-plan p1` records no approval, only the command: its run's approved
+    # re-plan (another id: a joiner was provisioned with it) released p1.
+    replan = report(3, "completed", "p1-and-a-joiner", run="run-sync", approved=True)
+    reports = [report(1, "held", "p1"), replan]
+    assert status_of("p1", reports) is HeldStatus.SUPERSEDED
+    [plan] = held_plans(reports, [], approved_commands=[("p1", "run-sync")])
+    assert plan.status is HeldStatus.RELEASED
+
+
 def test_a_held_plan_names_its_last_held_report() -> None:
     [plan] = held_plans([report(1, "held", "p1"), report(2, "held", "p1")], [])
     assert plan.held_report_id == "m-cust-1-2"
