@@ -124,6 +124,7 @@ class ODataFeed:
     ) -> None:
         self.declared_count: int | None = None
         self.received = 0
+        self.pages = 0
         self._client = client
         self._customer = customer
         self._subdomain = subdomain
@@ -160,6 +161,7 @@ class ODataFeed:
                 is_employee=self._is_employee,
             )
             page_number += 1
+            self.pages = page_number
             if page_number == 1:
                 self.declared_count = page.count
             _log.debug(

@@ -17,9 +17,11 @@ from domain.messages import (
     provisioning_requests,
     report_payload,
 )
+from domain.plan import Plan, Rule
 from domain.policy import Policy
-from domain.ports import ServicesManagerPort, ShareFilePort
+from domain.ports import EmployeeFeed, ServicesManagerPort, ShareFilePort
 from domain.reconcile import reconcile
+from domain.records import Customer, SharefileUser
 from domain.report import SyncReport
 
 log = logging.getLogger("sfsync.worker")
@@ -75,6 +77,8 @@ class SyncHandler:
             customer_id=job.customer_id,
             sharefile_declared=feed.declared_count,
         )
+        if feed.pages > 1 and any(i.rule is Rule.ABSENT_FROM_SHAREFILE for i in plan.deprovision):
+            plan = self._confirmed_absences(plan, customer, job, policy, sharefile_users, feed)
         requests = (
             []
             if job.dry_run
@@ -106,6 +110,41 @@ class SyncHandler:
         outputs: list[Envelope[Any]] = [self.stamp(r, correlation_id=job.run_id) for r in requests]
         outputs.append(self.stamp(report_payload(report), correlation_id=job.run_id))
         return outputs
+
+    def _confirmed_absences(
+        self,
+        plan: Plan,
+        customer: Customer,
+        job: _Job,
+        policy: Policy,
+        first_read: list[SharefileUser],
+        feed: EmployeeFeed,
+    ) -> Plan:
+        """The plan again if a second read of the feed lists users the first one did not.
+
+        Pages read while the account changes can miss an employee: one removed before a page
+        boundary moves the next one onto a page already read, and one added later keeps the
+        count right. A removal as absent would then delete an active employee's account. So
+        when a paged feed plans one, the feed is read again, and whoever either read lists is
+        taken as present; the plan is made again only if that adds someone.
+        """
+        known = {user.id for user in first_read}
+        again = [user for user in self.sharefile.employees(customer) if user.id not in known]
+        if not again:
+            return plan
+        log.warning(
+            "a second read of the ShareFile feed listed %d users the first did not (the account "
+            "changed while it was read); planning again with both reads",
+            len(again),
+            extra={"correlation_id": job.run_id, "customer_id": job.customer_id},
+        )
+        return reconcile(
+            self.sm.list_users(job.customer_id),
+            first_read + again,
+            policy,
+            customer_id=job.customer_id,
+            sharefile_declared=feed.declared_count,
+        )
 
     def on_give_up(self, message: Envelope[Any], error: SfsyncError) -> Sequence[Envelope[Any]]:
         try:

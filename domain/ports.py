@@ -33,10 +33,12 @@ class EmployeeFeed(Protocol):
     """ShareFile employees of one account, streamed page by page.
 
     `declared_count` is the `odata.count` the feed announced (None if it did not); it is known
-    once the first page has been read.
+    once the first page has been read. `pages` counts the pages read so far: a feed of several
+    pages may have been read while the account changed.
     """
 
     declared_count: int | None
+    pages: int
 
     def __iter__(self) -> Iterator[SharefileUser]: ...
 

@@ -108,6 +108,7 @@ class FakeServicesManager:
 class FakeFeed:
     users: list[SharefileUser]
     declared_count: int | None = None
+    pages: int = 1
 
     def __iter__(self) -> Iterator[SharefileUser]:
         return iter(self.users)

@@ -19,8 +19,13 @@ from adapters.credentials import CredentialStore
 from adapters.http import RetryPolicy, new_http_client
 from adapters.services_manager import ServicesManagerClient
 from adapters.sharefile import ShareFileClient
+from consumers.sync_worker import SyncHandler
 from domain.errors import PermanentError
+from domain.messages import ProvisioningRequested, SyncCommand, SyncCompleted
+from domain.policy import Policy
 from domain.records import Customer
+from tests.fakes import FakeServicesManager, fixed_stamper
+from tests.fakes import sm_user as fake_sm_user
 from tests.scripted_api import Answer, ScriptedApi, scripted_api
 
 CREDENTIALS = {"client_id": "cid", "client_secret": "secret", "username": "svc@x", "password": "pw"}
@@ -172,3 +177,74 @@ def test_a_users_page_with_a_null_next_cursor_ends_the_list() -> None:
 
     with scripted_api(route) as api, services_manager(api) as client:
         assert list(client.list_users("cust-acme")) == []
+
+
+# -- an account that changes while its pages are read ----------------------------------------
+
+
+class ChangingAccount:
+    """Employees e1..e4 in pages of two by $skip; after the first page is served, e1 leaves and e5
+    joins: the second page of that read is e4, e5, and e3 slides onto the page already read."""
+
+    def __init__(self) -> None:
+        self.employees = [contact(n) for n in (1, 2, 3, 4)]
+        self.pages_served = 0
+
+    def route(self, method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        skip = int(parse_qs(urlparse(path).query).get("$skip", ["0"])[0])
+        page: dict[str, Any] = {
+            "odata.count": len(self.employees),
+            "value": self.employees[skip : skip + 2],
+        }
+        if skip + 2 < len(self.employees):
+            page["odata.nextLink"] = f"/sd-acme/sf/v3/Accounts/Employees?$skip={skip + 2}"
+        self.pages_served += 1
+        if self.pages_served == 1:
+            self.employees = [contact(n) for n in (2, 3, 4, 5)]
+        return 200, page
+
+
+def test_an_employee_missed_by_pages_read_while_the_account_changed_is_not_removed() -> None:
+    # The first read lists e1, e2, e4, e5: four users as declared, none twice, and e3 missing.
+    # Planned from it alone, u3 (an active employee) would be removed as absent from ShareFile.
+    sm = FakeServicesManager()
+    sm.add_customer(
+        "acme",
+        [fake_sm_user(f"u{n}", f"user{n}@acme.example", "provisioned") for n in (1, 2, 3, 4)],
+    )
+    account = ChangingAccount()
+    with scripted_api(account.route) as api, sharefile(api) as client:
+        handler = SyncHandler(sm=sm, sharefile=client, policy=Policy(), stamp=fixed_stamper())
+        command = fixed_stamper()(SyncCommand(customer_id="acme", run_id="r1"), correlation_id="r1")
+        outputs = [m.payload for m in handler.handle(command)]
+        assert account.pages_served == 4  # both reads: the account changed during the first
+
+    [report] = [p for p in outputs if isinstance(p, SyncCompleted)]
+    assert [i.user_id for i in report.deprovision] == []  # not u3; u1 leaves on the next run
+    assert not any(isinstance(p, ProvisioningRequested) for p in outputs)
+
+
+def test_a_removal_as_absent_that_a_second_read_confirms_goes_out() -> None:
+    sm = FakeServicesManager()
+    users = [fake_sm_user(f"u{n}", f"user{n}@acme.example", "provisioned") for n in (1, 2, 3, 4, 9)]
+    sm.add_customer("acme", users)
+
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        skip = int(parse_qs(urlparse(path).query).get("$skip", ["0"])[0])
+        page: dict[str, Any] = {"odata.count": 4, "value": [contact(1 + skip), contact(2 + skip)]}
+        if skip == 0:
+            page["odata.nextLink"] = "/sd-acme/sf/v3/Accounts/Employees?$skip=2"
+        return 200, page
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        handler = SyncHandler(sm=sm, sharefile=client, policy=Policy(), stamp=fixed_stamper())
+        command = fixed_stamper()(SyncCommand(customer_id="acme", run_id="r1"), correlation_id="r1")
+        outputs = [m.payload for m in handler.handle(command)]
+        assert len(api.paths("/sd-acme/sf/v3")) == 4  # read twice: a removal as absent was planned
+
+    [request] = [p for p in outputs if isinstance(p, ProvisioningRequested)]
+    assert [(i.user_id, i.action.value) for i in request.items] == [("u9", "deprovision")]
