@@ -395,6 +395,11 @@ def validated_page(
         return None
 
 
+# A list that points to yet another page after this many empty ones in a row is not ending: a
+# next link or cursor that changes each time (a counter in it) would page forever.
+MAX_EMPTY_PAGES = 5
+
+
 def malformed(
     problem: str, *, call: str, customer_id: str | None, status: int | None = None
 ) -> PermanentError:

@@ -12,6 +12,7 @@ from pydantic import SecretStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from adapters.http import (
+    MAX_EMPTY_PAGES,
     HttpApiClient,
     RetryPolicy,
     body_text,
@@ -204,6 +205,7 @@ class ServicesManagerClient(HttpApiClient):
         seen_cursors: set[str] = set()
         index = 0
         page_number = 0
+        empty_in_a_row = 0
         while True:
             params: dict[str, str | int] = {"limit": self._page_size}
             if cursor is not None:
@@ -221,6 +223,7 @@ class ServicesManagerClient(HttpApiClient):
             page_validated = page is not None
             del response, page
             page_number += 1
+            empty_in_a_row = 0 if items else empty_in_a_row + 1
             _log.debug(
                 "%s for customer %s: page %d with %d items, more=%s",
                 call,
@@ -236,6 +239,12 @@ class ServicesManagerClient(HttpApiClient):
             del items
             if next_cursor is None:
                 return
+            if empty_in_a_row >= MAX_EMPTY_PAGES:
+                raise malformed(
+                    f"{empty_in_a_row} empty pages in a row, and still a next_cursor",
+                    call=call,
+                    customer_id=customer_id,
+                )
             if next_cursor in seen_cursors:
                 # A server that hands back a cursor it already gave would page forever.
                 raise malformed(

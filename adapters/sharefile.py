@@ -17,6 +17,7 @@ from typing_extensions import TypedDict
 
 from adapters.credentials import CredentialStore, ShareFileCredentials
 from adapters.http import (
+    MAX_EMPTY_PAGES,
     HttpApiClient,
     RetryPolicy,
     body_text,
@@ -150,6 +151,7 @@ class ODataFeed:
         url: str | None = None
         seen: set[str] = set()
         page_number = 0
+        empty_in_a_row = 0
         while True:
             # The feed is the client's own helper: it may use the private page fetch.
             page = self._client._fetch_page(
@@ -177,6 +179,7 @@ class ODataFeed:
             next_url = page.next_url
             validated = page.validated
             del page
+            empty_in_a_row = 0 if items else empty_in_a_row + 1
             for position in range(len(items)):
                 # Release each raw item as soon as it is parsed: only one page is ever held.
                 raw, items[position] = items[position], None
@@ -188,6 +191,16 @@ class ODataFeed:
             del items
             if next_url is None:
                 break
+            if empty_in_a_row >= MAX_EMPTY_PAGES or (
+                self.declared_count is not None and page_number > self.declared_count + 1
+            ):
+                # A link that changes each time (a counter in it) would page forever.
+                raise malformed(
+                    f"odata.nextLink still given after page {page_number} "
+                    f"({empty_in_a_row} empty in a row; odata.count {self.declared_count})",
+                    call=self._call,
+                    customer_id=customer_id,
+                )
             if next_url in seen:
                 raise malformed(
                     f"odata.nextLink repeats after page {page_number}",

@@ -248,3 +248,40 @@ def test_a_removal_as_absent_that_a_second_read_confirms_goes_out() -> None:
 
     [request] = [p for p in outputs if isinstance(p, ProvisioningRequested)]
     assert [(i.user_id, i.action.value) for i in request.items] == [("u9", "deprovision")]
+
+
+# -- lists that never end ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [None, 3])
+def test_a_feed_whose_next_link_changes_forever_fails_after_a_few_pages(count: int | None) -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        n = int(parse_qs(urlparse(path).query).get("n", ["0"])[0])
+        page: dict[str, Any] = {"value": [], "odata.nextLink": f"?$skip=0&n={n + 1}"}
+        if n == 0:
+            page.update({"value": [contact(1)], "odata.count": count})
+        return 200, page
+
+    with (
+        scripted_api(route) as api,
+        sharefile(api) as client,
+        pytest.raises(PermanentError, match=r"odata\.nextLink still given after page"),
+    ):
+        list(client.employees(ACME))
+    assert len(api.paths("/acme/sf/v3")) <= 6
+
+
+def test_a_users_list_whose_cursor_changes_forever_fails_after_a_few_empty_pages() -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        cursor = int(parse_qs(urlparse(path).query).get("cursor", ["0"])[0])
+        return 200, {"items": [sm_user(1)] if cursor == 0 else [], "next_cursor": str(cursor + 1)}
+
+    with (
+        scripted_api(route) as api,
+        services_manager(api) as client,
+        pytest.raises(PermanentError, match="5 empty pages in a row"),
+    ):
+        list(client.list_users("cust-acme"))
+    assert len(api.requests) == 6
