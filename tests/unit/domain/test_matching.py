@@ -50,6 +50,20 @@ def test_case_folding_goes_beyond_lower_case() -> None:
     assert normalise_email("STRASSE@acme.example") == normalise_email("straße@acme.example")
 
 
+@pytest.mark.parametrize(
+    "raw", ["ann@xn--bcher-kva.example", "ANN@XN--BCHER-KVA.EXAMPLE", "Ann@Bücher.example"]
+)
+def test_an_internationalised_domain_has_one_key_in_either_form(raw: str) -> None:
+    assert normalise_email(raw) == "ann@bücher.example"
+
+
+@pytest.mark.parametrize(
+    "raw", ["o'brien+tag@acme-corp.example", "a.b_c!#$%&*/=?^`{|}~@x.y", "ann@localhost"]
+)
+def test_unusual_but_plain_addresses_keep_their_key(raw: str) -> None:
+    assert normalise_email(raw) == raw
+
+
 def test_an_already_normal_address_is_returned_unchanged() -> None:
     assert normalise_email("ann@acme.example") == "ann@acme.example"
 
@@ -74,6 +88,18 @@ def test_an_already_normal_address_is_returned_unchanged() -> None:
         "ｊｏｈｎ＠＠ａｃｍｅ.example",  # two full-width at-signs
         "a\x00b@acme.example",
         "é\x00@acme.example",  # a control character makes a non-ASCII address unusable too
+        # Keys that would match nobody, so that the Services Manager user looks absent:
+        "<ann@acme.example>",
+        "Ann <ann@acme.example>",
+        "mailto:ann@acme.example",
+        '"ann"@acme.example',
+        "ann@acme.example.",
+        "ann@acme..example",
+        "ann@.acme.example",
+        "ann@acme.example;bob@acme.example",
+        "josé@acme.example.",
+        "josé@<acme>.example",
+        "ann@xn--zz.example",  # not valid punycode
     ],
 )
 def test_unusable_addresses_have_no_key(raw: str | None) -> None:

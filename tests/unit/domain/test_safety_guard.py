@@ -306,6 +306,23 @@ def test_services_manager_users_listed_twice_without_removals_change_nothing() -
     assert plan == reconcile(sm_users, employees, customer_id="cust-1")
 
 
+@pytest.mark.parametrize(
+    "written", ["<stay0@acme.example>", "mailto:stay0@acme.example", "stay0@acme.example."]
+)
+def test_an_employee_whose_address_is_written_oddly_holds_the_removal_it_would_cause(
+    written: str,
+) -> None:
+    # Keyed as written, it matched nobody: u-stay-0000, an active employee, went out as absent.
+    sm_users, employees = customer(staying=30, leaving=0)
+    odd = [SharefileUser(id=employees[0].id, email=written), *employees[1:]]
+
+    plan = reconcile(sm_users, odd, customer_id="cust-1")
+
+    assert plan.deprovision == ()
+    assert [item.user_id for item in plan.held] == ["u-stay-0000"]
+    assert codes(plan) == {HoldCode.SOURCE_UNMATCHABLE}
+
+
 def test_two_users_on_one_address_are_still_a_conflict_next_to_a_repeat() -> None:
     sm_users = [SmUser(id="u-1", state=PROVISIONED, email="twin@acme.example")]
     first = SharefileUser(id="sf-1", email="twin@acme.example")
