@@ -376,7 +376,7 @@ class ShareFileClient(HttpApiClient):
             raise malformed(
                 "the OData answer has no 'value' list", call=call, customer_id=customer_id
             )
-        raw_count = body.get("odata.count", body.get("@odata.count"))
+        raw_count = _either(body, "odata.count", "@odata.count")
         count: int | None
         if raw_count is None:
             count = None
@@ -386,7 +386,7 @@ class ShareFileClient(HttpApiClient):
             count = int(raw_count)
         else:
             raise malformed("odata.count is not a count", call=call, customer_id=customer_id)
-        raw_next = body.get("odata.nextLink", body.get("@odata.nextLink"))
+        raw_next = _either(body, "odata.nextLink", "@odata.nextLink")
         if raw_next is None or raw_next == "":
             return _Page(items, count, None)
         if not isinstance(raw_next, str):
@@ -610,3 +610,9 @@ def _same_origin(url: str, base: str) -> bool:
 def _same_path(url: str, feed: str) -> bool:
     """Whether `url` is a page of `feed`: the same path (only the query may differ)."""
     return httpx.URL(url).path.rstrip("/").lower() == httpx.URL(feed).path.rstrip("/").lower()
+
+
+def _either(body: dict[str, Any], v3: str, v4: str) -> Any:
+    """An OData annotation in either spelling: a null in one does not hide the other's value."""
+    value = body.get(v3)
+    return body.get(v4) if value is None else value

@@ -285,3 +285,20 @@ def test_a_users_list_whose_cursor_changes_forever_fails_after_a_few_empty_pages
     ):
         list(client.list_users("cust-acme"))
     assert len(api.requests) == 6
+
+
+def test_a_null_annotation_in_one_odata_spelling_does_not_hide_the_other() -> None:
+    # {"odata.nextLink": null, "@odata.nextLink": "..."} ended the feed after its first page.
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        if "$skip" not in path:
+            nxt = "/acme/sf/v3/Accounts/Employees?$skip=1"
+            page = {"odata.count": None, "@odata.count": 2, "value": [contact(1)]}
+            return 200, {**page, "odata.nextLink": None, "@odata.nextLink": nxt}
+        return 200, {"value": [contact(2)]}
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        feed = client.employees(ACME)
+        assert [u.id for u in feed] == ["sf-1", "sf-2"]
+        assert feed.declared_count == 2
