@@ -1,7 +1,7 @@
 # One image for every sfsync role; docker-compose.yml picks the role with its command.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY domain domain
 COPY adapters adapters
 COPY simulators simulators

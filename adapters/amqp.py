@@ -338,6 +338,9 @@ class AmqpBroker:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=15)
 
+    def failure(self) -> BaseException | None:
+        return self._fatal
+
     @property
     def connected(self) -> bool:
         return self._ready.is_set()

@@ -91,6 +91,11 @@ class Broker(Protocol):
 
     def close(self) -> None: ...
 
+    def failure(self) -> BaseException | None:
+        """The error that ended the broker for good (RabbitMQ refused the login or the topology,
+        on a reconnect too); None while it works or reconnects. A role that finds one exits."""
+        ...
+
 
 def published_now(
     publish: Callable[[Sequence[Outgoing]], None], messages: Sequence[Outgoing]

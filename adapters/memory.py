@@ -150,6 +150,9 @@ class MemoryBroker:
                 self._queues[queue].consumer = None
             self._lock.notify_all()
 
+    def failure(self) -> BaseException | None:
+        return None  # nothing outside this process can refuse it
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -21,6 +21,7 @@ from sfsync.settings import Settings, load_settings, unknown_variables
 
 if TYPE_CHECKING:
     from adapters.audit_store import AuditStore
+    from adapters.broker import Broker
 
 
 EXIT_OK = 0
@@ -107,8 +108,10 @@ def _serve_metrics(settings: Settings, role: str) -> None:
     click.echo(f"sfsync {role}: Prometheus metrics on :{port}/metrics", err=True)
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
+def _wait_for_signal(broker: Broker | None = None) -> None:
+    """Block until SIGTERM or SIGINT; raise the broker's failure if it ends for good meanwhile
+    (RabbitMQ refusing the topology on a reconnect, say): a role that can no longer consume
+    must exit, not idle, so that whoever runs it notices and restarts it."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -120,7 +123,9 @@ def _wait_for_signal() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(1.0):
-        pass
+        failure = broker.failure() if broker is not None else None
+        if failure is not None:
+            raise failure
 
 
 broker_option = click.option(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 
@@ -50,14 +51,14 @@ def _serve(*, role: str, broker_url: str | None, concurrency: int | None) -> Non
         _errors_as_exit(),
         running(
             settings, worker=role == "worker", submitter=role == "submitter", name=f"sfsync-{role}"
-        ),
+        ) as roles,
     ):
         click.echo(
             f"sfsync {role}: consuming (concurrency {settings.concurrency}); Ctrl-C to stop",
             err=True,
         )
         _serve_metrics(settings, role)
-        _wait_for_signal()
+        _wait_for_signal(roles.broker)
     click.echo(f"sfsync {role}: stopped cleanly", err=True)
 
 
@@ -131,9 +132,11 @@ def scheduler(
         )
         thread.start()
         _serve_metrics(settings, "scheduler")
-        _wait_for_signal()
-        stop.set()
-        thread.join()
+        try:
+            _wait_for_signal(roles.broker)
+        finally:
+            stop.set()
+            thread.join()
 
 
 @click.command("request-sync")
@@ -179,17 +182,21 @@ def request_sync_command(
 @broker_option
 def audit_command(broker_url: str | None) -> None:
     """Store every event (reports, plan items, holds, requests, answers) in the audit database."""
-    from sfsync.audit import audit_role
+    from sfsync.audit import audit_role, build_audit_broker
 
     settings = _settings(broker_url=broker_url)
     if settings.uses_memory_broker:
         _fail("`sfsync audit` needs a shared broker: set SFSYNC_BROKER_URL or --broker amqp://…")
-    with _errors_as_exit(), audit_role(settings) as store:
+    with _errors_as_exit(), contextlib.ExitStack() as stack:
+        broker = build_audit_broker(settings, name="sfsync-audit")
+        broker.start()
+        stack.callback(broker.close)
+        store = stack.enter_context(audit_role(settings, broker=broker))
         click.echo(
             f"sfsync audit: storing events in {store.redacted_url} "
             f"(schema version {store.version()}); Ctrl-C to stop",
             err=True,
         )
         _serve_metrics(settings, "audit")
-        _wait_for_signal()
+        _wait_for_signal(broker)
     click.echo("sfsync audit: stopped cleanly", err=True)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
+import pika
 import pytest
 
 from adapters.amqp import AmqpBroker
@@ -171,3 +172,39 @@ def test_a_connection_closed_while_the_scheduler_publishes_2000_commands_loses_n
     assert set(commands) == set(customers)
     # At least once: a command may have been routed before the close; it is then there twice.
     assert sum(commands.values()) <= len(customers) + PUBLISH_BATCH
+
+
+@pytest.mark.parametrize("role", ["worker", "audit"])
+def test_a_role_whose_topology_rabbitmq_refuses_on_a_reconnect_exits_instead_of_idling(
+    role, start_sims, tmp_path, amqp_url, topology, amqp_env, processes, closer
+) -> None:
+    # The README's way to change SFSYNC_RETRY_DELAY_S: delete the retry queues and start the new
+    # deployment, which declares them with the new TTL. Old roles that reconnect after that
+    # (a network blip) are refused the topology: they used to stay up, consume nothing, and
+    # say "stopped cleanly" (exit 0) on SIGTERM, so nothing ever restarted them.
+    sims = start_sims(generate_fleet(2, median_users=4, max_users=8, drift=0.2, seed=5))
+    processes.env.update(settings_env(sims, tmp_path, **amqp_env))
+    queue = topology.audit_queue if role == "audit" else topology.sync_queue
+    started = processes.start(role)
+    wait_consuming(amqp_url, queue, 1)
+
+    retry = Topology.retry_queue(queue)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.queue_delete(retry)
+        arguments = {"x-queue-type": "quorum", "x-message-ttl": 1234}
+        arguments |= {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+        channel.queue_declare(retry, durable=True, arguments=arguments)
+    finally:
+        connection.close()
+    eventually(lambda: len(closer.connections()) == 1, 30)  # management stats lag a little
+    closer.close_all("a network blip")
+
+    try:
+        eventually(lambda: started.proc.poll() is not None, 30)
+    except AssertionError:
+        raise AssertionError(started.log()) from None
+    assert started.proc.returncode == 2, started.log()
+    assert "RabbitMQ refused the topology" in started.log()
+    assert "stopped cleanly" not in started.log()

@@ -68,6 +68,18 @@ def test_the_audit_role_keeps_its_database_in_a_volume_and_starts_before_the_sch
     assert "mkdir /data && chown sfsync /data" in (ROOT / "Dockerfile").read_text()
 
 
+def test_the_image_copies_every_file_the_package_build_names() -> None:
+    # pyproject's license-files: setuptools warns when it is missing, and will refuse to build.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    copied = " ".join(
+        line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY")
+    ).split()
+    for name in [*project.get("license-files", []), project["readme"], "pyproject.toml"]:
+        assert name in copied, f"the Dockerfile does not copy {name}"
+
+
 def test_every_service_it_depends_on_exists(compose: dict[str, Any]) -> None:
     services = compose["services"]
     for name, service in services.items():
