@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -160,9 +161,13 @@ def test_consuming_roles_hold_the_gil_for_the_configured_switch_interval(
 
     seen: list[float] = []
     monkeypatch.setattr(
-        sfsync.bootstrap, "running", lambda *args, **kwargs: contextlib.nullcontext()
+        sfsync.bootstrap,
+        "running",
+        lambda *args, **kwargs: contextlib.nullcontext(SimpleNamespace(broker=None)),
     )
-    monkeypatch.setattr(roles, "_wait_for_signal", lambda: seen.append(sys.getswitchinterval()))
+    monkeypatch.setattr(
+        roles, "_wait_for_signal", lambda _broker: seen.append(sys.getswitchinterval())
+    )
     before = sys.getswitchinterval()
     try:
         default = run(role, SFSYNC_BROKER_URL="amqp://127.0.0.1:1/")
