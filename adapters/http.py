@@ -93,6 +93,8 @@ class RetryPolicy:
 
 # Hosts whose connections are kept open at once: SM is one host, each ShareFile account two.
 POOLED_HOSTS = 64
+# Bytes asked for per read of an answer's body: whatever has arrived, up to this, comes back.
+_READ_CHUNK = 1 << 20
 
 
 class PooledTransport(httpx.BaseTransport):
@@ -136,8 +138,10 @@ class PooledTransport(httpx.BaseTransport):
             headers = urllib3.HTTPHeaderDict()
             for name, value in raw:
                 headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        read_timeout = timeouts.get("read")
         try:
             pool = self._pools.connection_from_host(url.host, url.port, url.scheme)
+            started = time.monotonic()
             answer = pool.urlopen(
                 request.method,
                 url.raw_path.decode("ascii"),
@@ -146,16 +150,17 @@ class PooledTransport(httpx.BaseTransport):
                 retries=False,
                 redirect=False,
                 assert_same_host=False,
-                timeout=urllib3.Timeout(connect=timeouts.get("connect"), read=timeouts.get("read")),
-                preload_content=True,
+                timeout=urllib3.Timeout(connect=timeouts.get("connect"), read=read_timeout),
+                preload_content=False,
                 decode_content=False,
             )
+            body = _read_within(answer, None if read_timeout is None else started + read_timeout)
         except (urllib3.exceptions.HTTPError, ValueError, OSError) as exc:
             raise _as_httpx_error(exc, request) from exc
         return httpx.Response(
             answer.status,
             headers=list(answer.headers.items()),
-            stream=httpx.ByteStream(answer.data),
+            stream=httpx.ByteStream(body),
             extensions={
                 "http_version": b"HTTP/1.1",
                 "reason_phrase": (answer.reason or "").encode(),
@@ -164,6 +169,30 @@ class PooledTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._pools.clear()
+
+
+def _read_within(answer: urllib3.BaseHTTPResponse, deadline: float | None) -> bytes:
+    """The whole body, read as it arrives; ReadTimeoutError once `deadline` has passed.
+
+    The read timeout bounds each wait for data, so an answer that trickles in (a byte a second)
+    would never time out, and the thread waiting for it (a worker's, the scheduler's) would wait
+    for as long as the server likes. The timeout is also the whole answer's limit.
+    """
+    chunks: list[bytes] = []
+    try:
+        while chunk := answer.read1(_READ_CHUNK):
+            chunks.append(chunk)
+            if deadline is not None and time.monotonic() > deadline:
+                raise urllib3.exceptions.ReadTimeoutError(
+                    None,  # type: ignore[arg-type]  # the pool: not needed for the message
+                    "",
+                    "the answer did not arrive within the read timeout",
+                )
+    except BaseException:
+        answer.close()  # not back to the pool: the rest of the body may still come
+        raise
+    answer.release_conn()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _as_httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Trickle:
+    """A body sent `step` bytes at a time, `every_s` apart (a server that answers slowly)."""
+
+    data: bytes
+    every_s: float
+    step: int = 1
+
 
 Answer = tuple[int, Any] | tuple[int, Any, dict[str, str]]
 Route = Callable[[str, str, bytes], Answer]
@@ -35,6 +47,16 @@ class ScriptedApi:
                 outer.requests.append((self.command, self.path))
                 status, payload, *rest = outer.route(self.command, self.path, body)
                 headers = rest[0] if rest else {}
+                if isinstance(payload, Trickle):
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload.data)))
+                    self.end_headers()
+                    for start in range(0, len(payload.data), payload.step):
+                        self.wfile.write(payload.data[start : start + payload.step])
+                        self.wfile.flush()
+                        time.sleep(payload.every_s)
+                    return
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 if not isinstance(payload, bytes):

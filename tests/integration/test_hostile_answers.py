@@ -8,6 +8,7 @@ user's ShareFile account: every case here once ended in removals (or in a silent
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,13 +21,13 @@ from adapters.http import RetryPolicy, new_http_client
 from adapters.services_manager import ServicesManagerClient
 from adapters.sharefile import ShareFileClient
 from consumers.sync_worker import SyncHandler
-from domain.errors import PermanentError
+from domain.errors import PermanentError, TransientError
 from domain.messages import ProvisioningRequested, SyncCommand, SyncCompleted
 from domain.policy import Policy
 from domain.records import Customer
 from tests.fakes import FakeServicesManager, fixed_stamper
 from tests.fakes import sm_user as fake_sm_user
-from tests.scripted_api import Answer, ScriptedApi, scripted_api
+from tests.scripted_api import Answer, ScriptedApi, Trickle, scripted_api
 
 CREDENTIALS = {"client_id": "cid", "client_secret": "secret", "username": "svc@x", "password": "pw"}
 FAST = RetryPolicy(attempts=2, total_seconds=2.0, initial_backoff_s=0.01, max_backoff_s=0.02)
@@ -302,3 +303,37 @@ def test_a_null_annotation_in_one_odata_spelling_does_not_hide_the_other() -> No
         feed = client.employees(ACME)
         assert [u.id for u in feed] == ["sf-1", "sf-2"]
         assert feed.declared_count == 2
+
+
+# -- an answer that trickles in ---------------------------------------------------------------
+
+
+def test_an_answer_that_trickles_in_times_out_within_the_read_timeout() -> None:
+    # Each byte came well within the read timeout, so no read ever timed out: the call (and the
+    # scheduler's or a worker's thread) waited as long as the server liked.
+    body = json.dumps({"items": [sm_user(n) for n in range(3)], "next_cursor": None}).encode()
+
+    def route(method: str, path: str, body_in: bytes) -> Answer:
+        return 200, Trickle(body, every_s=0.1, step=10)
+
+    with scripted_api(route) as api, new_http_client(timeout_s=0.5) as http:
+        client = ServicesManagerClient(
+            api.base_url + "/api/v1",
+            "sm-token",
+            http=http,
+            retry=RetryPolicy(attempts=1, total_seconds=1.0),
+        )
+        started = time.monotonic()
+        with pytest.raises(TransientError, match=r"(?i)timed out|timeout"):
+            list(client.list_users("cust-acme"))
+        assert time.monotonic() - started < 2.0  # the whole answer takes about 4 s
+
+
+def test_an_answer_that_arrives_in_pieces_within_the_timeout_is_read_whole() -> None:
+    body = json.dumps({"items": [sm_user(n) for n in range(50)], "next_cursor": None}).encode()
+
+    def route(method: str, path: str, body_in: bytes) -> Answer:
+        return 200, Trickle(body, every_s=0.001, step=700)
+
+    with scripted_api(route) as api, services_manager(api) as client:
+        assert [u.id for u in client.list_users("cust-acme")] == [f"u-{n}" for n in range(50)]
