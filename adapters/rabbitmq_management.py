@@ -13,6 +13,7 @@ import pika
 import pika.exceptions
 
 from adapters.amqp import redact_url
+from adapters.topology import Topology
 from domain.errors import TransientError
 
 MANAGEMENT_TIMEOUT_S = 5.0
@@ -122,7 +123,7 @@ def _refusal(status: int) -> str:
 
 
 def _is_ours(row: Any, prefix: str) -> bool:
-    return isinstance(row, dict) and str(row.get("name", "")).startswith(f"{prefix}.")
+    return isinstance(row, dict) and Topology(prefix).owns(str(row.get("name", "")))
 
 
 def _from_management(row: Mapping[str, Any]) -> QueueStats:

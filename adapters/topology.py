@@ -102,6 +102,15 @@ class Topology:
             queues += self.work_queue(self.audit_queue, AUDIT_KEYS)
         return queues
 
+    def owns(self, queue: str) -> bool:
+        """Whether `queue` is one of this deployment's: a work, retry or parking queue (the
+        audit role's too), or a run's listener queue. Not merely a name that starts with the
+        prefix: the prefix "acme" must not claim the queues of a deployment named "acme.eu"."""
+        if queue.startswith(f"{self.prefix}.run."):
+            return True
+        with_audit = Topology(self.prefix, audit=True)
+        return queue in {spec.name for spec in with_audit.queues()}
+
     def listener_queue(self, name: str, routing_keys: tuple[str, ...] = EVENT_KEYS) -> QueueSpec:
         """A queue for one listener of events; it disappears 10 minutes after it is last used."""
         return QueueSpec(

@@ -52,12 +52,17 @@ def status(
             "`sfsync status` reads RabbitMQ: set SFSYNC_MANAGEMENT_URL or an amqp:// "
             "SFSYNC_BROKER_URL (memory:// has no queues to show)"
         )
-    try:
-        report = collect_status(
-            topology, management_url=management, amqp_url=amqp_urls[0] if amqp_urls else None
-        )
-    except StatusUnavailable as exc:
-        _fail(f"no queue statistics: {exc}", code=EXIT_UNAVAILABLE)
+    # The nodes of a cluster in turn: the one that is down is when status matters most.
+    problems: list[str] = []
+    candidates: list[str | None] = [*amqp_urls] or [None]
+    for amqp_url in candidates:
+        try:
+            report = collect_status(topology, management_url=management, amqp_url=amqp_url)
+            break
+        except StatusUnavailable as exc:
+            problems.append(str(exc))
+    else:
+        _fail(f"no queue statistics: {'; '.join(problems)}", code=EXIT_UNAVAILABLE)
     if as_json:
         click.echo(render_json(report), nl=False)
     else:

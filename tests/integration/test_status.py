@@ -131,7 +131,7 @@ def loaded_topology(amqp_url: str, topology: Topology) -> Iterator[Topology]:
 @pytest.fixture
 def listener_queue(amqp_url: str, loaded_topology: Topology) -> Iterator[str]:
     """A one-shot run's listener queue, which AMQP alone cannot discover."""
-    name = loaded_topology.listener_queue("run-42").name
+    name = loaded_topology.listener_queue("run.run-42").name
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         connection.channel().queue_declare(name, durable=True, arguments={"x-expires": 600_000})
@@ -252,6 +252,19 @@ def test_without_the_management_api_depths_come_from_amqp_and_rates_are_unavaila
     assert "rates and unacked counts unavailable" in result.output
     assert f"WARNING: {PARKED} message(s) parked" in result.output
     assert ":guest@" not in result.output
+
+
+def test_status_asks_the_next_node_when_the_first_is_down(
+    amqp_url: str, loaded_topology: Topology
+) -> None:
+    down = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    result = CliRunner().invoke(
+        status,
+        ["--json"],
+        env={"SFSYNC_PREFIX": loaded_topology.prefix, "SFSYNC_BROKER_URL": f"{down},{amqp_url}"},
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parked"] == PARKED
 
 
 def test_amqp_source_marks_queues_that_do_not_exist(amqp_url: str, topology: Topology) -> None:

@@ -41,11 +41,13 @@ QUEUES = [
     },
     {"name": "acme.sync.dead", "messages_ready": 3, "messages_unacknowledged": 0, "consumers": 0},
     {"name": "acme.sync.retry", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0},
-    {"name": "acme.run-42", "messages_ready": 0, "messages_unacknowledged": 0, "consumers": 1},
+    {"name": "acme.run.run-42", "messages_ready": 0, "messages_unacknowledged": 0, "consumers": 1},
     # Declared a moment ago: the stats interval has not filled its counts in yet.
     {"name": "acme.provisioning"},
     {"name": "other.sync", "messages_ready": 99},
     {"name": "acmeish.sync", "messages_ready": 99},
+    # Another deployment whose prefix starts with this one's and a dot: not ours either.
+    {"name": "acme.eu.sync.dead", "messages_ready": 7},
 ]
 
 
@@ -92,14 +94,14 @@ def test_management_answer_is_parsed_for_the_prefix_queues_only() -> None:
         "acme.sync.retry",
         "acme.sync.dead",
         "acme.provisioning",
-        "acme.run-42",
+        "acme.run.run-42",
     ]
     by_name = {row.name: row for row in report.queues}
     sync = by_name["acme.sync"]
     assert (sync.kind, sync.ready, sync.unacked, sync.consumers) == ("work", 12, 4, 2)
     assert (sync.publish_rate, sync.deliver_rate) == (3.5, 2.25)
     assert by_name["acme.sync.dead"].kind == "parking" and by_name["acme.sync.dead"].parked == 3
-    assert by_name["acme.run-42"].kind == "listener"
+    assert by_name["acme.run.run-42"].kind == "listener"
     fresh = by_name["acme.provisioning"]
     assert (fresh.ready, fresh.unacked, fresh.publish_rate) == (None, None, 0.0)
     assert report.parked == 3
