@@ -19,7 +19,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from domain.audit import (
@@ -854,6 +860,12 @@ class AuditStore:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
                 raise TransientError(
                     f"audit database unavailable: {_first_line(exc)}", call="audit database"
+                ) from None
+            if type(exc) is DatabaseError:
+                # Neither a query's fault nor a passing one: SQLite's "file is not a database".
+                raise ConfigError(
+                    f"SFSYNC_DATABASE_URL={self.redacted_url} cannot be used as the audit "
+                    f"database: {_first_line(exc)}"
                 ) from None
             raise
 

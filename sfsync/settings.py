@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 from urllib.parse import unquote, urlsplit
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -17,6 +18,7 @@ from domain.errors import ConfigError
 from domain.policy import DisabledEmployees, Policy, SafetyGuard
 
 DEFAULT_TOKEN_URL = "https://{subdomain}.sharefile.com/oauth/token"  # noqa: S105 - a URL
+ENV_FILE = ".env"  # read from the working directory, under the environment's variables
 
 
 class Settings(BaseSettings):
@@ -24,7 +26,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="SFSYNC_",
-        env_file=".env",
+        env_file=ENV_FILE,
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
@@ -242,12 +244,13 @@ _NOT_SETTINGS = ("SFSYNC_CLUSTER_",)
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
-    """SFSYNC_* variables that name no setting, each with the closest setting's variable (or
-    None): a misspelt variable would otherwise leave its setting, a guard threshold say, at the
-    default without a word."""
+    """SFSYNC_* variables (of the environment and the .env file, unless `environ` is given) that
+    name no setting, each with the closest setting's variable (or None): a misspelt variable
+    would otherwise leave its setting, a guard threshold say, at the default without a word."""
     known = [f"SFSYNC_{name.upper()}" for name in Settings.model_fields]
     found = []
-    for name in sorted(os.environ if environ is None else environ):
+    names = {*os.environ, *dotenv_variables()} if environ is None else set(environ)
+    for name in sorted(names):
         upper = name.upper()  # the settings read variables whatever their case
         if (
             upper.startswith("SFSYNC_")
@@ -265,6 +268,19 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except (UnicodeError, OSError) as exc:
+        # Only the .env file is read from disk here (the other files are read where used).
+        problem = type(exc).__name__
+        raise ConfigError(f"{ENV_FILE} cannot be read as UTF-8 text ({problem})") from None
+
+
+def dotenv_variables(path: str | Path = ENV_FILE) -> dict[str, str | None]:
+    """The variables a .env file sets (none if it is missing or unreadable: load_settings says
+    why), for unknown_variables."""
+    try:
+        return dict(dotenv_values(path, encoding="utf-8"))
+    except (UnicodeError, OSError):
+        return {}
 
 
 # Never echo what was given for these: a token, or a URL that may hold a password.

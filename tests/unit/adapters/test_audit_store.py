@@ -437,3 +437,11 @@ def test_an_unreachable_database_is_a_transient_error_without_its_password() -> 
     assert (
         store.redacted_url == "postgresql+psycopg://admin:***@127.0.0.1:1/audit?connect_timeout=2"
     )
+
+
+def test_a_file_that_is_not_a_database_is_a_configuration_error(tmp_path: Path) -> None:
+    # It was a 170-line traceback from every command that reads the audit trail.
+    path = tmp_path / "audit.db"
+    path.write_text("not a database, a note someone saved under this name\n")
+    with pytest.raises(ConfigError, match="cannot be used as the audit database: file is not"):
+        AuditStore.open(f"sqlite:///{path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from domain.errors import ConfigError
@@ -215,3 +217,26 @@ def test_misspelt_variables_are_found_with_the_setting_they_probably_meant() -> 
     ]
     # The settings read variables whatever their case: this one is in effect, not unknown.
     assert unknown_variables({"sfsync_max_deprovision": "3", "Sfsync_Prefix": "x"}) == []
+
+
+def test_a_misspelt_variable_in_the_dotenv_file_is_found_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sfsync.settings import unknown_variables
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("SFSYNC_MAX_DEPROVISON=5\nSFSYNC_PREFIX=acme\n")
+    assert ("SFSYNC_MAX_DEPROVISON", "SFSYNC_MAX_DEPROVISION") in unknown_variables()
+    assert "SFSYNC_PREFIX" not in {name for name, _ in unknown_variables()}
+
+
+def test_a_dotenv_file_that_is_not_utf8_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sfsync.settings import unknown_variables
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(b"SFSYNC_PREFIX=\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"\.env cannot be read as UTF-8 text"):
+        load_settings()
+    unknown_variables()  # must not raise either: load_settings has said what is wrong
