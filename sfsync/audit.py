@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from adapters.audit_store import AuditStore
 from adapters.broker import Broker
+from adapters.memory import MemoryBroker
 from adapters.topology import Topology
 from consumers.audit import AuditHandler
 from consumers.run_tracker import RunResult
@@ -90,11 +92,17 @@ def running_with_audit(
     `store` is None). A broker given in `overrides` must have an audit-enabled topology."""
     overrides = dict(overrides or {})
     with ExitStack() as stack:
-        if store is not None and "broker" not in overrides:
-            broker = build_audit_broker(settings, name=name)
-            broker.start()
-            stack.callback(broker.close)
-            overrides["broker"] = broker
+        if store is not None:
+            if "broker" not in overrides:
+                broker = build_audit_broker(settings, name=name)
+                broker.start()
+                stack.callback(broker.close)
+                overrides["broker"] = broker
+            # Started before the roles, so that it stops after them: a request the submitter
+            # finishes while stopping (a timeout, Ctrl-C) has changed Services Manager, and its
+            # answer must reach the audit trail too.
+            consumer = start_audit_consumer(overrides["broker"], settings, store)
+            stack.callback(_drain_then_stop, overrides["broker"], consumer)
         started = stack.enter_context(
             running(
                 settings,
@@ -105,10 +113,22 @@ def running_with_audit(
                 overrides=overrides,
             )
         )
-        if store is not None:
-            consumer = start_audit_consumer(started.broker, settings, store)
-            stack.callback(consumer.stop)
         yield started
+
+
+def _drain_then_stop(broker: Broker, consumer: QueueConsumer, timeout_s: float = 30.0) -> None:
+    """Stop the audit consumer once the events already in its in-process queue are stored.
+    (On RabbitMQ the queue outlives this process: the audit role stores what is left.)"""
+    if isinstance(broker, MemoryBroker):
+        queue = consumer.queue.name
+        drained = Retrying(
+            stop=stop_after_delay(timeout_s),
+            wait=wait_fixed(RECORD_POLL_S),
+            retry=retry_if_result(lambda done: not done),
+        )
+        with contextlib.suppress(RetryError):
+            drained(lambda: broker.depth(queue) == 0 and consumer.wait_idle(0))
+    consumer.stop()
 
 
 def wait_until_recorded(

@@ -6,19 +6,26 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
 from adapters.audit_store import AuditStore
 from domain.messages import envelope, report_payload
 from domain.report import SyncReport
 from sfsync.cli import EXIT_CONFIG, EXIT_RUN_FAILED, main
+from sfsync.oneshot import RunTimeout, sync_once
+from sfsync.settings import load_settings
 from simulators import DEMO_SCENARIO_PATH, Scenario, load_scenario
 from tests.e2e.conftest import settings_env
+from tests.fakes import FakeServicesManager, FakeShareFile, employee, fixed_stamper
+from tests.fakes import sm_user as fake_sm_user
 
 HELD_CUSTOMER = "cust-0007"  # the demo's customer whose removals the guard holds
 
@@ -269,3 +276,39 @@ def test_the_demo_stores_its_run_and_says_how_to_ask_why(tmp_path: Path) -> None
     why = cli(*command[1:], env=env)
     assert why.exit_code == 0, why.output
     assert "decision" in why.stdout and "rule" in why.stdout
+
+
+class SlowSubmitServicesManager(FakeServicesManager):
+    """Takes its time to answer the bulk POST: the run's deadline passes meanwhile."""
+
+    def submit(self, customer_id: str, request_id: str, items: Any) -> Any:
+        time.sleep(2.0)
+        return super().submit(customer_id, request_id, items)
+
+
+def test_a_request_answered_after_the_runs_deadline_still_has_its_answer_in_the_audit_trail(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # On memory://, the audit consumer used to stop first: the in-process submitter still
+    # finished the request in its hands, Services Manager applied it, and its answer went to a
+    # queue nobody read, so `sfsync why` said "no answer recorded" for a change that was made.
+    for name in [n for n in os.environ if n.startswith("SFSYNC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    sm, sharefile = SlowSubmitServicesManager(), FakeShareFile()
+    sm.add_customer("cust-1", [fake_sm_user("u1", "a@x.example")])
+    sharefile.set_employees("cust-1", [employee("s1", "a@x.example")])
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        with pytest.raises(RunTimeout) as timed_out:
+            sync_once(
+                load_settings(broker_url="memory://"),
+                timeout_s=0.5,
+                overrides={"sm": sm, "sharefile": sharefile, "stamp": fixed_stamper()},
+                audit=store,
+            )
+        run_id = timed_out.value.result.run_id
+        [(_, request_id, _)] = sm.submitted  # Services Manager did provision u1
+        assert store.answered_request_ids(run_id) == {request_id}
+    finally:
+        store.close()
