@@ -45,13 +45,26 @@ class Scheduler:
         reason: Literal["scheduled", "event", "manual"] = "scheduled",
         run_id: str | None = None,
         on_listed: Callable[[tuple[str, ...]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> ScheduledRun:
-        """Publish one command per customer (all enabled ones unless `customer_ids` is given)."""
+        """Publish one command per customer (all enabled ones unless `customer_ids` is given).
+
+        Once `stop` is set, no further page of customers is read and no further batch is
+        published: the run ends with what was published so far (a SIGTERM must not wait for
+        a listing of thousands of customers, nor publish them all)."""
         run_id = run_id or self.new_run_id()
+        stopping = stop.is_set if stop is not None else (lambda: False)
         if customer_ids:
             ids = tuple(dict.fromkeys(customer_ids))
         else:
-            ids = tuple(customer.id for customer in self.sm.list_customers())
+            listed: list[str] = []
+            for customer in self.sm.list_customers():
+                if stopping():
+                    log.warning("run %s: stopping while listing customers", run_id)
+                    return ScheduledRun(run_id=run_id, customer_ids=())
+                listed.append(customer.id)
+            # A listing whose pages shifted may name a customer twice: one command each.
+            ids = tuple(dict.fromkeys(listed))
         if on_listed is not None:
             on_listed(ids)
         log.info(
@@ -71,6 +84,11 @@ class Scheduler:
             for customer_id in ids
         ]
         for start in range(0, len(commands), PUBLISH_BATCH):
+            if stopping():
+                log.warning(
+                    "run %s: stopping after %d of %d commands", run_id, start, len(commands)
+                )
+                return ScheduledRun(run_id=run_id, customer_ids=ids[:start])
             batch = [
                 Outgoing.of(self.stamp(command, correlation_id=run_id))
                 for command in commands[start : start + PUBLISH_BATCH]
@@ -86,7 +104,7 @@ class Scheduler:
         and the next one still starts."""
         while not stop.is_set():
             try:
-                self.run_once(**options)  # type: ignore[arg-type]
+                self.run_once(stop=stop, **options)  # type: ignore[arg-type]
             except TransientError as exc:
                 log.error("scheduled run failed, next one in %.0fs: %s", interval_s, exc)
             except Exception:

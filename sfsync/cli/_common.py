@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -115,8 +116,14 @@ def _wait_for_signal(broker: Broker | None = None) -> None:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # A second signal: stop now. Unacknowledged messages go back to their queues, and
+            # every handler is idempotent, so nothing is lost, only done again.
+            click.echo(f"sfsync: {name} received again, exiting now", err=True)
+            os._exit(EXIT_INTERRUPTED)
         click.echo(
-            f"sfsync: {signal.Signals(signum).name} received, finishing in-flight work", err=True
+            f"sfsync: {name} received, finishing in-flight work (again to exit now)", err=True
         )
         stop.set()
 

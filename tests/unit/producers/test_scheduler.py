@@ -113,3 +113,46 @@ def test_the_interval_loop_goes_on_after_a_run_fails_for_good(
     assert broker.batches, "no run after the failed one"
     assert "scheduled run failed, next one in 0s" in caplog.text
     assert "HTTP 401 from Services Manager" in caplog.text
+
+
+def test_a_stop_while_listing_customers_publishes_nothing() -> None:
+    # A SIGTERM used to wait for the whole listing (minutes, for a slow SM) and publish it all.
+    stop = threading.Event()
+    sm = fleet(5)
+    listed = sm.list_customers
+
+    def list_then_stop() -> Iterator[Customer]:
+        for number, customer in enumerate(listed()):
+            if number == 2:
+                stop.set()
+            yield customer
+
+    sm.list_customers = list_then_stop  # type: ignore[method-assign]
+    broker = RecordingBroker()
+    run = scheduler(sm, broker).run_once(stop=stop)
+    assert broker.batches == [] and run.customer_ids == ()
+
+
+def test_a_stop_between_batches_publishes_no_further_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "PUBLISH_BATCH", 2)
+    stop = threading.Event()
+
+    class StoppingBroker(RecordingBroker):
+        def publish(self, messages: Sequence[Outgoing]) -> None:
+            super().publish(messages)
+            stop.set()
+
+    broker = StoppingBroker()
+    run = scheduler(fleet(5), broker).run_once(stop=stop)
+    assert [len(b) for b in broker.batches] == [2]
+    assert run.customer_ids == ("c00000", "c00001")
+
+
+def test_a_customer_listed_twice_gets_one_command() -> None:
+    sm = fleet(3)
+    listed = sm.list_customers
+    sm.list_customers = lambda: iter([*listed(), *listed()])  # type: ignore[method-assign]
+    broker = RecordingBroker()
+    run = scheduler(sm, broker).run_once()
+    assert run.customer_ids == ("c00000", "c00001", "c00002")
+    assert sum(len(b) for b in broker.batches) == 3

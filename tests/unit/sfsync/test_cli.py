@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -244,3 +245,41 @@ def test_a_misspelt_setting_is_warned_about() -> None:
         "sfsync: warning: SFSYNC_MAX_DEPROVISON is not a setting and is ignored "
         "(did you mean SFSYNC_MAX_DEPROVISION?)"
     ) in result.output
+
+
+def test_a_second_signal_while_finishing_in_flight_work_exits_at_once(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sfsync.cli import EXIT_INTERRUPTED
+
+    # A role stuck in its clean-up (a handler waiting on a slow API) after the first SIGTERM.
+    code = (
+        "import sys, time\n"
+        "from sfsync.cli._common import _wait_for_signal\n"
+        "print('waiting', flush=True)\n"
+        "_wait_for_signal()\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])},
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline() == b"waiting\n"
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert process.poll() is None  # finishing in-flight work
+            process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=10)
+        finally:
+            process.kill()
+    assert process.returncode == EXIT_INTERRUPTED
+    stderr = errors.decode()
+    assert "SIGTERM received, finishing in-flight work" in stderr
+    assert "SIGTERM received again, exiting now" in stderr
