@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any, Protocol
 
 from adapters import metrics
@@ -375,6 +375,16 @@ class QueueConsumer:
         self.broker.cancel(self.queue.name)
         with self._idle:
             self._stopping = True
+        # Deliveries taken but not started go back to the queue, for another consumer (or the
+        # next start): handling them now would only make the stop (and a run's deadline) wait.
+        while True:
+            try:
+                waiting = self._inbox.get_nowait()
+            except Empty:
+                break
+            if waiting is not None:
+                waiting.requeue()
+                self._done()
         for _ in self._threads:
             self._inbox.put(None)  # after every delivery taken: each thread ends on one
         for thread in self._threads:

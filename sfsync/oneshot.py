@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,7 @@ def sync_once(
         assert roles.scheduler is not None
         # Listen before publishing, so that no event of this run can be missed.
         tracker, listener = track_run(roles, settings, run_id)
+        started = time.monotonic()  # the deadline counts the customer listing too
         try:
             roles.scheduler.run_once(
                 customer_ids=list(customer_ids) or None,
@@ -68,7 +70,8 @@ def sync_once(
                 run_id=run_id,
                 on_listed=tracker.expect,
             )
-            if not tracker.wait(timeout_s, on_progress=on_progress):
+            left = max(0.0, timeout_s - (time.monotonic() - started))
+            if not tracker.wait(left, on_progress=on_progress):
                 raise RunTimeout(tracker.result, timeout_s)
             if audit is not None:
                 wait_until_recorded(audit, tracker.result)

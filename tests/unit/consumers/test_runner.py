@@ -281,3 +281,50 @@ def test_the_last_delivery_a_work_queue_allows_is_reported_and_parked_not_handle
         assert "x-delivery-count" not in headers  # the work queue's count, not the copy's
     finally:
         broker.close()
+
+
+def test_stopping_puts_back_the_deliveries_taken_but_not_started() -> None:
+    # They used to be handled first: a SIGTERM (or a run's deadline) waited for the APIs of
+    # every prefetched message, and a stop during a broker outage took minutes.
+    import threading
+
+    release = threading.Event()
+
+    class BlockingHandler(ScriptedHandler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.started = 0
+
+        def handle(self, message: Envelope[Any]) -> Sequence[Envelope[Any]]:
+            self.started += 1
+            release.wait(10)
+            return super().handle(message)
+
+    broker = MemoryBroker(Topology(prefix="t", retry_delay_ms=50))
+    broker.start()
+    try:
+        handler = BlockingHandler()
+        runner = MessageRunner(broker, broker.topology, handler)
+        consumer = QueueConsumer(broker, broker.topology.queues()[0], runner, 1, headroom=2)
+        broker.publish(
+            [
+                Outgoing("sync.command", command(f"c{n}"), f"m{n}", "r1", "sync.command")
+                for n in range(3)
+            ]
+        )
+        consumer.start()
+        for attempt in Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.02), reraise=True):
+            with attempt:  # one in the handler, two waiting in the inbox
+                assert broker.depth("t.sync") == 0 and handler.started == 1
+        stopping = threading.Thread(target=consumer.stop)
+        stopping.start()
+        for attempt in Retrying(stop=stop_after_delay(5), wait=wait_fixed(0.02), reraise=True):
+            with attempt:
+                assert broker.depth("t.sync") == 2  # back in the queue, not handled
+        release.set()
+        stopping.join(10)
+        assert not stopping.is_alive()
+        assert handler.started == 1 and runner.counts[Outcome.ACKED] == 1
+    finally:
+        release.set()
+        broker.close()
