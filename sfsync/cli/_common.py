@@ -145,15 +145,30 @@ broker_option = click.option(
 
 
 @contextmanager
-def _audit_store(settings: Settings, *, enabled: bool = True) -> Iterator[AuditStore | None]:
-    """The migrated store of SFSYNC_DATABASE_URL (None when not enabled); closed on exit."""
+def _audit_store(
+    settings: Settings, *, enabled: bool = True, reading: bool = False
+) -> Iterator[AuditStore | None]:
+    """The migrated store of SFSYNC_DATABASE_URL (None when not enabled); closed on exit.
+
+    `reading`: a command that only reads the trail. Where no SQLite file was, it says that the
+    trail it reads was created empty just now: run from another directory, `held` would
+    otherwise answer "no held plans" as if all were clear."""
     if not enabled:
         yield None
         return
     from sfsync.audit import open_store
 
+    url = settings.database_url.get_secret_value()
+    sqlite_file = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    new_file = sqlite_file is not None and not os.path.exists(sqlite_file)
     with _errors_as_exit():
         store = open_store(settings)
+    if reading and new_file:
+        click.echo(
+            f"sfsync: note: there was no audit database at {store.redacted_url}: this one was "
+            "created empty just now (is SFSYNC_DATABASE_URL, or the directory, the right one?)",
+            err=True,
+        )
     try:
         yield store
     finally:

@@ -66,7 +66,7 @@ def why(customer: str, user: str, fmt: str) -> None:
     from domain.audit import Category, Decision, best_answer, one_per_plan
 
     settings = _settings()
-    with _audit_store(settings) as store, _errors_as_exit():
+    with _audit_store(settings, reading=True) as store, _errors_as_exit():
         assert store is not None
         items = store.items_of_user(customer, user)
         current = {r.message_id: r for r in one_per_plan(store.reports(customer_id=customer))}
@@ -230,7 +230,7 @@ def report_command(customer: str | None, run_id: str | None, fmt: str, limit: in
     from domain.audit import ReportRecord, one_per_plan
 
     settings = _settings()
-    with _audit_store(settings) as store, _errors_as_exit():
+    with _audit_store(settings, reading=True) as store, _errors_as_exit():
         assert store is not None
         if fmt == "csv":
             _write_csv(store.requested_items(customer_id=customer, run_id=run_id))
@@ -338,7 +338,7 @@ def held(customer: str | None, show_all: bool, fmt: str) -> None:
     from domain.audit import HeldStatus
 
     settings = _settings()
-    with _audit_store(settings) as store, _errors_as_exit():
+    with _audit_store(settings, reading=True) as store, _errors_as_exit():
         assert store is not None
         plans = _held_plans(store)
     plans = [

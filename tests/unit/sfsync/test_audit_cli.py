@@ -47,6 +47,15 @@ def test_an_empty_audit_trail_answers_plainly(tmp_path) -> None:
     assert (tmp_path / "sfsync-audit.db").exists()  # the default database, in the working directory
 
 
+def test_reading_a_trail_that_did_not_exist_says_it_was_created_empty(tmp_path) -> None:
+    # From the wrong directory, `held` answered "no held plans" as if all were clear.
+    first = run("held")
+    assert "there was no audit database at sqlite:///sfsync-audit.db" in first.stderr
+    assert first.stdout.strip() == "no held plans waiting for approval"
+    again = run("held")
+    assert "there was no audit database" not in again.stderr
+
+
 def test_approving_an_unknown_plan_is_refused_with_exit_2() -> None:
     result = run("approve", "plan-nope")
     assert result.exit_code == EXIT_CONFIG
