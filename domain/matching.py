@@ -56,12 +56,14 @@ def normalise_email(raw: str | None) -> str | None:
         # the other side may have written.
         local, domain = key.split("@")
         try:
+            # Punycode itself, not Python's "idna" codec: that one follows IDNA 2003 and refuses
+            # labels with ß, final sigma or ZWNJ, which today's domains may hold.
             unicode_domain = ".".join(
-                label.encode("ascii").decode("idna") if label.startswith("xn--") else label
+                label[4:].encode("ascii").decode("punycode") if label.startswith("xn--") else label
                 for label in domain.split(".")
             )
         except UnicodeError:
-            return None
+            unicode_domain = domain  # not valid punycode: keyed as written, as before
         key = f"{local}@{unicodedata.normalize('NFKC', unicode_domain.casefold())}"
     # Reuse the caller's string when nothing changed: a million users then cost one copy, not two.
     return raw if key == raw else key
