@@ -180,16 +180,27 @@ def _read_within(answer: urllib3.BaseHTTPResponse, deadline: float | None) -> by
     """
     chunks: list[bytes] = []
     try:
-        while chunk := answer.read1(_READ_CHUNK):
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise urllib3.exceptions.ReadTimeoutError(
+                        None,  # type: ignore[arg-type]  # the pool: not needed for the message
+                        "",
+                        "the answer did not arrive within the read timeout",
+                    )
+                # No single wait for data outlasts the deadline. The connection is looked up
+                # each time: urllib3 gives it back to the pool once the body is read whole.
+                sock = getattr(answer.connection, "sock", None)
+                if sock is not None:
+                    sock.settimeout(left)
+            chunk = answer.read1(_READ_CHUNK)
+            if not chunk:
+                break
             chunks.append(chunk)
-            if deadline is not None and time.monotonic() > deadline:
-                raise urllib3.exceptions.ReadTimeoutError(
-                    None,  # type: ignore[arg-type]  # the pool: not needed for the message
-                    "",
-                    "the answer did not arrive within the read timeout",
-                )
     except BaseException:
         answer.close()  # not back to the pool: the rest of the body may still come
+        answer.release_conn()  # but its slot is
         raise
     answer.release_conn()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -120,7 +120,9 @@ def _wait_for_signal(broker: Broker | None = None) -> None:
         if stop.is_set():
             # A second signal: stop now. Unacknowledged messages go back to their queues, and
             # every handler is idempotent, so nothing is lost, only done again.
-            click.echo(f"sfsync: {name} received again, exiting now", err=True)
+            # os.write, not click.echo: the main thread may be inside a write to stderr, and a
+            # buffered write from the handler would then raise instead of exiting.
+            os.write(2, f"sfsync: {name} received again, exiting now\n".encode())
             os._exit(EXIT_INTERRUPTED)
         click.echo(
             f"sfsync: {name} received, finishing in-flight work (again to exit now)", err=True
