@@ -722,13 +722,18 @@ def wire_timestamps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pika.data, "encode_value", encode)
 
 
-@pytest.mark.broker
-@pytest.mark.parametrize(
-    "timestamp",
-    # A millisecond epoch; 1969-07-20 as the RabbitMQ Java client writes it (a signed long).
-    [1_772_000_000_000, 2**64 - 14_256_000],
-    ids=["milliseconds", "java-before-1970"],
+# A millisecond epoch; 1969-07-20 as the RabbitMQ Java client writes it (a signed long).
+every_wire_timestamp = pytest.mark.parametrize(
+    "timestamp", [1_772_000_000_000, 2**64 - 14_256_000], ids=["milliseconds", "java-before-1970"]
 )
+
+
+def connection_losses(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "RabbitMQ connection" in r.getMessage()]
+
+
+@pytest.mark.broker
+@every_wire_timestamp
 def test_a_command_with_a_timestamp_header_python_cannot_represent_is_synced_at_once(
     fleet_servers: SimulatorServers,
     small_fleet: Scenario,
@@ -756,14 +761,11 @@ def test_a_command_with_a_timestamp_header_python_cannot_represent_is_synced_at_
         assert tracker.wait(20), tracker.progress()
         listener.stop()
     assert tracker.result.reports[customer].outcome is ReportOutcome.COMPLETED
-    lost = [r.getMessage() for r in caplog.records if "RabbitMQ connection" in r.getMessage()]
-    assert lost == []
+    assert connection_losses(caplog) == []
 
 
 @pytest.mark.broker
-@pytest.mark.parametrize(
-    "timestamp", [1_772_000_000_000, 2**64 - 14_256_000], ids=["milliseconds", "java-before-1970"]
-)
+@every_wire_timestamp
 def test_a_command_with_such_a_header_is_parked_with_it_and_the_worker_goes_on(
     fleet_servers: SimulatorServers,
     small_fleet: Scenario,
@@ -799,8 +801,7 @@ def test_a_command_with_such_a_header_is_parked_with_it_and_the_worker_goes_on(
     assert tracker.result.reports[customer].outcome is ReportOutcome.COMPLETED
     [(_, headers)] = drain(amqp_url, names.dead_queue(names.sync_queue), 1)
     assert headers["x-sent-at"] == (timestamp if timestamp < 2**63 else timestamp - 2**64)
-    lost = [r.getMessage() for r in caplog.records if "RabbitMQ connection" in r.getMessage()]
-    assert lost == []
+    assert connection_losses(caplog) == []
 
 
 def die_holding(amqp_url: str, queue: str) -> int:
