@@ -85,7 +85,7 @@ class ManagementClient:
         self.close()
 
     def queues(self, prefix: str) -> list[QueueStats]:
-        """Every queue named `<prefix>.…` in the vhost, sorted by name."""
+        """Every queue of the deployment `prefix` in the vhost (Topology.owns), sorted by name."""
         path = f"/api/queues/{quote(self.vhost, safe='')}"
         try:
             response = self._client.get(path, params={"columns": ",".join(QUEUE_COLUMNS)})
@@ -108,8 +108,13 @@ class ManagementClient:
             ) from None
         if not isinstance(rows, list):
             raise ManagementUnavailable("unexpected answer: not a list of queues")
+        ours = Topology(prefix).owns
         return sorted(
-            (_from_management(row) for row in rows if _is_ours(row, prefix)),
+            (
+                _from_management(row)
+                for row in rows
+                if isinstance(row, dict) and ours(str(row.get("name", "")))
+            ),
             key=lambda q: q.name,
         )
 
@@ -120,10 +125,6 @@ def _refusal(status: int) -> str:
     if status == httpx.codes.NOT_FOUND:
         return "no such vhost, or not a management API"
     return "the management API answered with an error"
-
-
-def _is_ours(row: Any, prefix: str) -> bool:
-    return isinstance(row, dict) and Topology(prefix).owns(str(row.get("name", "")))
 
 
 def _from_management(row: Mapping[str, Any]) -> QueueStats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 # Routing keys are message types. Work queues bind the commands; events go to whoever listens.
 SYNC_KEYS = ("sync.command", "sync.requested")
@@ -106,10 +107,11 @@ class Topology:
         """Whether `queue` is one of this deployment's: a work, retry or parking queue (the
         audit role's too), or a run's listener queue. Not merely a name that starts with the
         prefix: the prefix "acme" must not claim the queues of a deployment named "acme.eu"."""
-        if queue.startswith(f"{self.prefix}.run."):
-            return True
-        with_audit = Topology(self.prefix, audit=True)
-        return queue in {spec.name for spec in with_audit.queues()}
+        return queue.startswith(f"{self.prefix}.run.") or queue in self._own_queue_names
+
+    @cached_property
+    def _own_queue_names(self) -> frozenset[str]:
+        return frozenset(spec.name for spec in Topology(self.prefix, audit=True).queues())
 
     def listener_queue(self, name: str, routing_keys: tuple[str, ...] = EVENT_KEYS) -> QueueSpec:
         """A queue for one listener of events; it disappears 10 minutes after it is last used."""

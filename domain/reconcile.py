@@ -102,7 +102,8 @@ def reconcile(
                 # guard holds removals planned from a list that changed while it was read.
                 sm_repeated += 1
                 sm_count -= 1
-                provisioned_before -= state is provisioned
+                if state is provisioned:
+                    provisioned_before -= 1
                 continue
             # A second user on this key: a conflict. The first user's outcome is dropped below.
             sm_duplicates.setdefault(key, [sm_first[key]]).append(sm.id)

@@ -158,11 +158,17 @@ def _audit_store(
     if not enabled:
         yield None
         return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     from sfsync.audit import open_store
 
-    url = settings.database_url.get_secret_value()
-    sqlite_file = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
-    new_file = sqlite_file is not None and not os.path.exists(sqlite_file)
+    try:
+        url = make_url(settings.database_url.get_secret_value())
+        sqlite_file = url.database if url.get_backend_name() == "sqlite" else None
+    except ArgumentError:
+        sqlite_file = None  # open_store says what is wrong with it
+    new_file = sqlite_file not in (None, "", ":memory:") and not os.path.exists(str(sqlite_file))
     with _errors_as_exit():
         store = open_store(settings)
     if reading and new_file:
