@@ -7,8 +7,10 @@ in a fresh child process so that CPU time and peak RSS belong to it alone:
   * worker: the sync worker's handler on one sync.command, with the real HTTP clients: fetch the
     whole ShareFile feed, stream Services Manager's pages through reconcile, build the bulk
     provisioning requests and the report, and encode every output message as the broker would;
-  * floor: a bare httpx loop that fetches the same pages in the same order (token, customer,
-    every ShareFile page, every SM page) and `json.loads` each one, keeping nothing.
+  * floor: a bare httpx loop that fetches the same pages in the same order (customer, token,
+    every ShareFile page, every SM page, and every ShareFile page again where the worker reads
+    the feed twice: it does before removing anyone as absent from a feed of several pages)
+    and `json.loads` each one, keeping nothing.
 The worker's plan is checked against the generator's expected end state (every provision and
 deprovision, nothing more). The guard is lifted so that the plan holds every removal.
 Prints wall time, CPU time and peak RSS of both, their ratio, and the cost per user; with --json
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import peak_rss_mb
+from common import peak_rss_mb, rereads_of
 
 SIM_CREDENTIALS = {
     "client_id": "sfsync-sim",
@@ -42,7 +44,7 @@ SIM_CREDENTIALS = {
 
 def serve(args: argparse.Namespace) -> None:
     """Child: serve one customer of --serve users until stdin closes; print where it listens."""
-    from simulators import Faults, SimulatorServers, generate_fleet
+    from simulators import SHAREFILE_PAGE_SIZE, Faults, SimulatorServers, generate_fleet
 
     scenario = generate_fleet(
         1, big_customer_users=args.serve, drift=0.02, seed=args.seed, guard_safe=False
@@ -51,7 +53,7 @@ def serve(args: argparse.Namespace) -> None:
     Path(args.expected_file).write_text(json.dumps(scenario.expected[customer.id]))
     faults = Faults(latency_ms=args.latency_ms)
     with SimulatorServers(
-        scenario, sm_faults=faults, sharefile_faults=faults, sharefile_page_size=500
+        scenario, sm_faults=faults, sharefile_faults=faults, sharefile_page_size=SHAREFILE_PAGE_SIZE
     ) as sims:
         where = {
             "customer_id": customer.id,
@@ -59,6 +61,8 @@ def serve(args: argparse.Namespace) -> None:
             "sm_token": sims.sm_token,
             "token_url": sims.sharefile_token_url_template,
             "api_url": sims.sharefile_api_url_template,
+            # The worker reads the feed again before removing anyone as absent from it.
+            "rereads": customer.id in rereads_of(scenario),
         }
         print(json.dumps(where), flush=True)
         sys.stdin.read()
@@ -74,7 +78,7 @@ def measured(run: Any) -> dict[str, Any]:
     return result
 
 
-def worker(where: dict[str, str], users: int, credentials_file: str) -> dict[str, Any]:
+def worker(where: dict[str, Any], users: int, credentials_file: str) -> dict[str, Any]:
     from consumers.sync_worker import SyncHandler
     from domain import Policy, SafetyGuard
     from domain.messages import ProvisioningRequested, SyncCommand
@@ -119,7 +123,7 @@ def worker(where: dict[str, str], users: int, credentials_file: str) -> dict[str
         clients.close()
 
 
-def floor(where: dict[str, str], sm_page_size: int) -> dict[str, Any]:
+def floor(where: dict[str, Any], sm_page_size: int) -> dict[str, Any]:
     """The same calls in the same order as the worker, each page parsed and dropped."""
     customer = where["customer_id"]
     sm_auth = {"Authorization": f"Bearer {where['sm_token']}"}
@@ -135,11 +139,20 @@ def floor(where: dict[str, str], sm_page_size: int) -> dict[str, Any]:
                 data={"grant_type": "password", **SIM_CREDENTIALS},
             ).content
         )["access_token"]
-        url: str | None = where["api_url"].format(subdomain=subdomain) + "Accounts/Employees"
-        while url:
-            page = json.loads(http.get(url, headers={"Authorization": f"Bearer {token}"}).content)
-            pages += 1
-            url = page.get("odata.nextLink")
+        employees = where["api_url"].format(subdomain=subdomain) + "Accounts/Employees"
+        sharefile_auth = {"Authorization": f"Bearer {token}"}
+
+        def read_feed() -> int:
+            read = 0
+            url: str | None = employees
+            while url:
+                url = json.loads(http.get(url, headers=sharefile_auth).content).get(
+                    "odata.nextLink"
+                )
+                read += 1
+            return read
+
+        pages += read_feed()
         cursor = None
         while True:
             params: dict[str, str | int] = {"limit": sm_page_size}
@@ -154,6 +167,8 @@ def floor(where: dict[str, str], sm_page_size: int) -> dict[str, Any]:
             cursor = page.get("next_cursor")
             if not cursor:
                 break
+        if where["rereads"]:
+            pages += read_feed()
         return {"pages": pages}
 
     with httpx.Client(timeout=60) as http:
@@ -195,7 +210,7 @@ class Simulator:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the simulator for {users:,} users did not start")
-        self.where: dict[str, str] = json.loads(line)
+        self.where: dict[str, Any] = json.loads(line)
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -216,7 +231,7 @@ class Simulator:
         return wanted
 
 
-def run_child(kind: str, where: dict[str, str], users: int, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+def run_child(kind: str, where: dict[str, Any], users: int, args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     command = [
         sys.executable,
         __file__,

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: their own peak memory, cleaning up a bench topology, and
-writing a run's results."""
+"""What the benchmark scripts share: their own peak memory, cleaning up a bench topology,
+writing a run's results, and which customers' feeds a worker reads twice (so do the floors)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 import pika
 
 from adapters.topology import Topology
+from simulators import SHAREFILE_PAGE_SIZE, Scenario
 
 
 def peak_rss_mb() -> float:
@@ -52,3 +53,22 @@ def write_results(path: Path, benchmark: str, args: argparse.Namespace, **result
         **results,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def rereads_of(scenario: Scenario) -> frozenset[str]:
+    """The customers whose ShareFile feed a worker reads twice: a feed of several pages, and a
+    removal as absent in the plan (`SyncHandler._confirmed_absences`). In these fleets every
+    removal is one as absent (a leaver, or an employee moved to Clients: the worker reads only
+    the Employees feed) and none is held (a fleet keeps within the default guard; the
+    big-customer benchmark lifts the guard)."""
+    return frozenset(
+        customer.id
+        for customer in scenario.customers
+        if customer.sharefile_enabled
+        and len(customer.sharefile_employees) > SHAREFILE_PAGE_SIZE
+        and any(
+            user["sharefile"]["state"] == "provisioned"
+            and scenario.expected[customer.id][user["id"]] == "not_provisioned"
+            for user in customer.sm_users
+        )
+    )

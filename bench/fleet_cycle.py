@@ -63,7 +63,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import pika
 import psutil  # type: ignore[import-untyped]
-from common import delete_topology, write_results
+from common import delete_topology, rereads_of, write_results
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 import sfsync.audit  # noqa: F401 - imported here, not inside the first timed sync_once
@@ -75,7 +75,7 @@ from domain.messages import SyncCommand
 from sfsync.bootstrap import build_clients, default_stamper
 from sfsync.oneshot import sync_once
 from sfsync.settings import Settings, load_settings
-from simulators import Faults, Scenario, SimulatorServers, generate_fleet
+from simulators import SHAREFILE_PAGE_SIZE, Faults, Scenario, SimulatorServers, generate_fleet
 
 SFSYNC = [sys.executable, "-m", "sfsync"]
 CREDENTIALS = {
@@ -92,7 +92,12 @@ SELECT = "Id,Email,FirstName,LastName,IsDisabled"  # what the ShareFile client a
 
 def _serve(scenario: Scenario, latency_ms: float, ports: Any, stop: Any) -> None:
     faults = Faults(latency_ms=latency_ms)
-    with SimulatorServers(scenario, sm_faults=faults, sharefile_faults=faults) as sims:
+    with SimulatorServers(
+        scenario,
+        sm_faults=faults,
+        sharefile_faults=faults,
+        sharefile_page_size=SHAREFILE_PAGE_SIZE,
+    ) as sims:
         ports.put((sims.sm_root_url, sims.sharefile_root_url, sims.sm_token))
         stop.wait()
 
@@ -388,15 +393,23 @@ class PageFetcher:
     """What the floor does for one customer: fetch every page a worker fetches, with a bare
     httpx client (JSON decoded, nothing parsed into users, nothing reconciled or published):
     the customer, its Services Manager user pages, a ShareFile token and the employee pages
-    with the same $select."""
+    with the same $select; and those pages once more for the customers in `rereads`, whose
+    feed the worker reads twice (see `rereads_of`)."""
 
-    def __init__(self, http: httpx.Client, env: dict[str, str], sm_token: str) -> None:
+    def __init__(
+        self,
+        http: httpx.Client,
+        env: dict[str, str],
+        sm_token: str,
+        rereads: frozenset[str] = frozenset(),
+    ) -> None:
         self.http = http
         self.sm_url = env["SFSYNC_SM_URL"]
         self.sm_auth = {"Authorization": f"Bearer {sm_token}"}
         self.token_url = env["SFSYNC_SHAREFILE_TOKEN_URL_TEMPLATE"]
         self.api_url = env["SFSYNC_SHAREFILE_API_URL_TEMPLATE"]
         self.page_size = settings_of(env).sm_page_size
+        self.rereads = rereads
 
     def pages(self, url: str) -> Iterator[dict[str, Any]]:
         cursor = None
@@ -423,11 +436,11 @@ class PageFetcher:
         form = {"grant_type": "password", **CREDENTIALS}
         token = json_of(http.post, self.token_url.format(subdomain=subdomain), data=form)
         auth = {"Authorization": f"Bearer {token['access_token']}"}
-        url: str | None = (
-            f"{self.api_url.format(subdomain=subdomain)}Accounts/Employees?$select={SELECT}"
-        )
-        while url:
-            url = json_of(http.get, url, headers=auth).get("odata.nextLink")
+        first = f"{self.api_url.format(subdomain=subdomain)}Accounts/Employees?$select={SELECT}"
+        for _ in range(2 if customer["id"] in self.rereads else 1):
+            url: str | None = first
+            while url:
+                url = json_of(http.get, url, headers=auth).get("odata.nextLink")
 
 
 def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> Floor:
@@ -437,7 +450,7 @@ def io_floor(args: argparse.Namespace, scenario: Scenario, threads: int) -> Floo
         simulator(scenario, args.latency_ms) as sim,
         new_http_client(timeout_s=60, max_connections=max(100, threads * 2)) as http,
     ):
-        fetcher = PageFetcher(http, sim.env(), sim.sm_token)
+        fetcher = PageFetcher(http, sim.env(), sim.sm_token, rereads_of(scenario))
         meter = CpuMeter({"floor": psutil.Process(), "simulator": psutil.Process(sim.pid)})
         meter.start()
         started = time.perf_counter()

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp
 from simulators.faults import Faults
 from simulators.scenario import Scenario, load_scenario
 from simulators.services_manager_app import ServicesManagerApp, SmState
-from simulators.sharefile_app import SharefileApp, SharefileState
+from simulators.sharefile_app import SHAREFILE_PAGE_SIZE, SharefileApp, SharefileState
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 5.0
@@ -85,7 +85,7 @@ class SimulatorServers:
         *,
         sm_faults: Faults = Faults(),  # noqa: B008 - frozen, so one shared default is safe
         sharefile_faults: Faults = Faults(),  # noqa: B008
-        sharefile_page_size: int | None = 500,
+        sharefile_page_size: int | None = SHAREFILE_PAGE_SIZE,
         host: str = "127.0.0.1",
         sm_port: int = 0,
         sharefile_port: int = 0,
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--sm-port", type=int, default=8081)
     parser.add_argument("--sharefile-port", type=int, default=8082)
-    parser.add_argument("--page-size", type=int, default=500, help="0 serves feeds unpaged")
+    parser.add_argument(
+        "--page-size", type=int, default=SHAREFILE_PAGE_SIZE, help="0 serves feeds unpaged"
+    )
     parser.add_argument("--apply-delay", type=float, default=0.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

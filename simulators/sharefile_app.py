@@ -46,6 +46,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 # this many pages (a 500-item page is ~150 kB).
 _PAGE_CACHE_ENTRIES = 128
 
+# Employees per page of the feed, unless the server is told otherwise.
+SHAREFILE_PAGE_SIZE = 500
+
 
 # One encoder for every answer: json.dumps with non-default options builds a new one per call,
 # which costs about a third of a small page's encoding time.
@@ -130,7 +133,11 @@ class SharefileApp:
     """The Starlette app; `faults` may be replaced while it runs (set_faults)."""
 
     def __init__(
-        self, state: SharefileState, faults: Faults, *, page_size: int | None = 500
+        self,
+        state: SharefileState,
+        faults: Faults,
+        *,
+        page_size: int | None = SHAREFILE_PAGE_SIZE,
     ) -> None:
         if page_size is not None and page_size < 1:
             raise ValueError("sharefile_page_size must be positive or None")
