@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 from domain.messages import Envelope, ProvisioningItem
@@ -44,7 +45,15 @@ class EmployeeFeed(Protocol):
 
 
 class ShareFilePort(Protocol):
-    def employees(self, customer: Customer) -> EmployeeFeed: ...
+    def employees(
+        self, customer: Customer, *, known: AbstractSet[str] = frozenset()
+    ) -> EmployeeFeed:
+        """The account's employees; with `known`, only those whose id is not in it.
+
+        `known` is for a second read that looks for users a first read missed: the users it
+        names are left out (and need not be parsed into records), yet count as received.
+        """
+        ...
 
 
 class Publisher(Protocol):

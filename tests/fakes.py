@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -126,13 +127,16 @@ class FakeShareFile:
     def set_employees(self, customer_id: str, users: Sequence[SharefileUser]) -> None:
         self.employees_by_subdomain[f"sd-{customer_id}"] = list(users)
 
-    def employees(self, customer: Customer) -> FakeFeed:
+    def employees(self, customer: Customer, *, known: AbstractSet[str] = frozenset()) -> FakeFeed:
         assert customer.subdomain is not None
         self.calls.append(customer.subdomain)
         if customer.subdomain in self.failures:
             raise self.failures[customer.subdomain]
         users = self.employees_by_subdomain.get(customer.subdomain, [])
-        return FakeFeed(users, self.declared.get(customer.subdomain, len(users)))
+        return FakeFeed(
+            [u for u in users if u.id not in known],
+            self.declared.get(customer.subdomain, len(users)),
+        )
 
 
 def transient(customer_id: str) -> TransientError:

@@ -251,6 +251,48 @@ def test_a_removal_as_absent_that_a_second_read_confirms_goes_out() -> None:
     assert [(i.user_id, i.action.value) for i in request.items] == [("u9", "deprovision")]
 
 
+def second_read(pages: list[list[dict[str, Any]]], known: set[str]) -> list[str]:
+    """The ids a read of these pages yields with `known` (a second read)."""
+
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        number = int(parse_qs(urlparse(path).query).get("page", ["0"])[0])
+        page: dict[str, Any] = {"value": pages[number]}
+        if number + 1 < len(pages):
+            page["odata.nextLink"] = f"/acme/sf/v3/Accounts/Employees?page={number + 1}"
+        return 200, page
+
+    with scripted_api(route) as api, sharefile(api) as client:
+        feed = client.employees(ACME, known=known)
+        ids = [user.id for user in feed]
+        assert feed.received == sum(map(len, pages))
+        return ids
+
+
+def test_a_user_new_to_a_second_read_is_checked_as_on_a_first() -> None:
+    broken = {**contact(2), "IsDisabled": "maybe"}
+    with pytest.raises(PermanentError, match=r"item #1 \(page 1\): IsDisabled"):
+        second_read([[contact(1), broken]], known={"sf-1"})
+
+
+def test_a_page_whose_ids_cannot_be_read_fails_a_second_read_as_it_fails_a_first() -> None:
+    no_id = {"Email": "user2@acme.example"}
+    with pytest.raises(PermanentError, match=r"item #1 \(page 1\): Id"):
+        second_read([[contact(1), no_id]], known={"sf-1", "sf-2"})
+
+
+def test_a_known_user_is_not_checked_again_by_a_second_read() -> None:
+    # Only its id counts there: it is present, whatever else its second listing says.
+    listed_again = {**contact(1), "IsDisabled": "maybe"}
+    assert second_read([[listed_again], [contact(2)]], known={"sf-1"}) == ["sf-2"]
+
+
+def test_pages_of_known_users_are_not_empty_pages() -> None:
+    pages = [[contact(n)] for n in range(1, 9)]  # more than MAX_EMPTY_PAGES in a row
+    assert second_read(pages, known={f"sf-{n}" for n in range(1, 9)}) == []
+
+
 # -- lists that never end ---------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from adapters import sharefile as sharefile_module
 from adapters.credentials import CredentialStore
 from adapters.http import RetryPolicy, new_http_client
 from adapters.sharefile import CALL_EMPLOYEES, CALL_TOKEN, ShareFileClient
@@ -113,6 +114,28 @@ def test_a_paged_feed_is_followed_through_every_next_link(
     assert users[0].is_disabled and not users[1].is_disabled
     pages = [r for r in caplog.records if "page" in r.getMessage() and r.levelno == logging.DEBUG]
     assert len(pages) == 3
+
+
+def test_a_second_read_yields_only_the_users_the_first_did_not_list(
+    client: ShareFileClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = list(client.employees(customer("acme")))
+    missed = [first[10], first[700]]  # on pages 1 and 2 of 3
+    known = {u.id for u in first} - {u.id for u in missed}
+    records_pages = []
+    full_page = sharefile_module._ODATA_PAGE
+
+    class Counting:
+        def validate_json(self, data: bytes, **kwargs: Any) -> Any:
+            records_pages.append(len(data))
+            return full_page.validate_json(data, **kwargs)
+
+    monkeypatch.setattr(sharefile_module, "_ODATA_PAGE", Counting())
+    feed = client.employees(customer("acme"), known=known)
+    assert list(feed) == missed  # the same records, in feed order
+    assert (feed.declared_count, feed.received, feed.pages) == (1234, 1234, 3)
+    # Records were built for the two pages with someone new; page 3 was only read for its ids.
+    assert len(records_pages) == 2
 
 
 def test_an_unpaged_feed_of_5000_comes_whole() -> None:

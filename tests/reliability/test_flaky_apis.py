@@ -7,6 +7,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 
 import pytest
 
@@ -37,10 +38,12 @@ class CountingShareFile:
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def employees(self, customer: Customer) -> EmployeeFeed:
+    def employees(
+        self, customer: Customer, *, known: AbstractSet[str] = frozenset()
+    ) -> EmployeeFeed:
         with self._lock:
             self.calls[customer.id] += 1
-        return self.inner.employees(customer)
+        return self.inner.employees(customer, known=known)
 
 
 @pytest.fixture
