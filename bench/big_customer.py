@@ -34,6 +34,8 @@ from typing import Any
 import httpx
 from common import peak_rss_mb, rereads_of
 
+from adapters.sharefile import SELECTED_FIELDS
+
 SIM_CREDENTIALS = {
     "client_id": "sfsync-sim",
     "client_secret": "sim-client-secret",
@@ -139,7 +141,11 @@ def floor(where: dict[str, Any], sm_page_size: int) -> dict[str, Any]:
                 data={"grant_type": "password", **SIM_CREDENTIALS},
             ).content
         )["access_token"]
-        employees = where["api_url"].format(subdomain=subdomain) + "Accounts/Employees"
+        # The worker's $select: the same fields, so pages of the same size.
+        employees = (
+            where["api_url"].format(subdomain=subdomain)
+            + f"Accounts/Employees?$select={SELECTED_FIELDS}"
+        )
         sharefile_auth = {"Authorization": f"Bearer {token}"}
 
         def read_feed() -> int:

@@ -24,7 +24,8 @@ worker does for a customer:
              transport, each answer JSON-decoded (`fleet_cycle.PageFetcher`, which reads a feed
              twice where the worker does)
   clients    the product's API clients fetching the same pages: the customer, the ShareFile
-             employee feed (token, pages, users validated) and the Services Manager users
+             employee feed (token, pages, users validated) and the Services Manager users, and
+             the feed's second read where the handler makes one
   reconcile  the same, with the users reconciled into a plan (`domain.reconcile`)
   handler    the sync worker's handler (`SyncHandler.handle`: the above plus the provisioning
              requests, the report, metrics and the envelopes), and each output's message body
@@ -56,8 +57,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import write_results
-from fleet_cycle import PageFetcher, rereads_of, settings_of, simulator
+from common import rereads_of, write_results
+from fleet_cycle import PageFetcher, settings_of, simulator
 
 from adapters.broker import Outgoing
 from adapters.http import new_http_client
@@ -81,9 +82,10 @@ def stage_runner(
     cycle: a process that synchronised a customer before would have it cached.
     """
     env = config["env"]
+    rereads = frozenset(config["rereads"])
     if stage == "floor":
         http = new_http_client(timeout_s=60)
-        fetcher = PageFetcher(http, env, config["sm_token"], frozenset(config["rereads"]))
+        fetcher = PageFetcher(http, env, config["sm_token"], rereads)
 
         def fetch(customers: Sequence[Any]) -> None:
             for customer in customers:
@@ -123,6 +125,10 @@ def stage_runner(
                     customer_id=listed.id,
                     sharefile_declared=feed.declared_count,
                 )
+            if listed.id in rereads:  # the handler's second read, as the floor's
+                known = {user.id for user in sharefile_users}
+                for _ in sharefile.employees(customer, known=known):
+                    pass
 
     return [c for c in clients.sm.list_customers() if c.sharefile_enabled], sync
 

@@ -68,6 +68,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixe
 
 import sfsync.audit  # noqa: F401 - imported here, not inside the first timed sync_once
 from adapters.http import new_http_client
+from adapters.sharefile import SELECTED_FIELDS
 from adapters.topology import Topology
 from consumers.submitter import SubmitHandler
 from consumers.sync_worker import SyncHandler
@@ -84,7 +85,6 @@ CREDENTIALS = {
     "username": "api@sim.example",
     "password": "sim-password",
 }
-SELECT = "Id,Email,FirstName,LastName,IsDisabled"  # what the ShareFile client asks for
 
 
 # -- the simulator: a forked process serving the fleet generated here -------------------------
@@ -436,7 +436,8 @@ class PageFetcher:
         form = {"grant_type": "password", **CREDENTIALS}
         token = json_of(http.post, self.token_url.format(subdomain=subdomain), data=form)
         auth = {"Authorization": f"Bearer {token['access_token']}"}
-        first = f"{self.api_url.format(subdomain=subdomain)}Accounts/Employees?$select={SELECT}"
+        api = self.api_url.format(subdomain=subdomain)
+        first = f"{api}Accounts/Employees?$select={SELECTED_FIELDS}"
         for _ in range(2 if customer["id"] in self.rereads else 1):
             url: str | None = first
             while url:

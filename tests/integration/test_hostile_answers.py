@@ -293,6 +293,48 @@ def test_pages_of_known_users_are_not_empty_pages() -> None:
     assert second_read(pages, known={f"sf-{n}" for n in range(1, 9)}) == []
 
 
+@pytest.mark.parametrize(
+    ("link", "problem"),
+    [
+        (
+            "http://elsewhere.example/acme/sf/v3/Accounts/Employees?page=1",
+            "leaves the account's API",
+        ),
+        ("/acme/sf/v3/Accounts/Clients?page=1", "leaves the Accounts/Employees feed"),
+    ],
+)
+def test_a_page_of_known_users_is_held_to_its_links_as_any_page(link: str, problem: str) -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        return 200, {"value": [contact(1)], "odata.nextLink": link}
+
+    with (
+        scripted_api(route) as api,
+        sharefile(api) as client,
+        pytest.raises(PermanentError, match=problem),
+    ):
+        list(client.employees(ACME, known={"sf-1"}))
+    assert len(api.paths("/acme/sf/v3")) == 1  # the token never went to the link
+
+
+def test_a_second_read_of_known_users_stops_past_its_count_as_a_first_read_does() -> None:
+    def route(method: str, path: str, body: bytes) -> Answer:
+        if path.endswith("/oauth/token"):
+            return 200, token_answer()
+        n = int(parse_qs(urlparse(path).query).get("n", ["0"])[0])
+        return 200, {"odata.count": 1, "value": [contact(1)], "odata.nextLink": f"?n={n + 1}"}
+
+    with (
+        scripted_api(route) as api,
+        sharefile(api) as client,
+        pytest.raises(PermanentError, match=r"still given after page 3 .*odata\.count 1"),
+    ):
+        feed = client.employees(ACME, known={"sf-1"})
+        list(feed)
+    assert feed.declared_count == 1
+
+
 # -- lists that never end ---------------------------------------------------------------------
 
 

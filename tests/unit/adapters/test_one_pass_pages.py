@@ -114,6 +114,45 @@ def test_a_sharefile_page_reads_as_its_items_would_one_by_one(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=sf_items(), data=st.data())
+def test_a_second_read_yields_what_a_first_would_less_the_known_users(
+    items: list[dict[str, Any]], data: st.DataObject
+) -> None:
+    # A second read parses only the ids of pages of known users: it must read every id as the
+    # record does, or a present employee could look absent.
+    ids = {v for item in items for v in (item.get("Id"), item.get("id")) if isinstance(v, str)}
+    known = data.draw(st.sets(st.sampled_from(sorted(ids | {"other"}))))
+    client = make_client(FakeShareFile(employees={"acme": items}))
+    expected = item_by_item(SHAREFILE_USER, items, True)
+    if expected is not None:
+        assert list(client.employees(ACME, known=known)) == [
+            user for user in expected if user.id not in known
+        ]
+        return
+    try:  # a first read fails: a second one too, unless it had only known users to read
+        got = list(client.employees(ACME, known=known))
+    except PermanentError:
+        return
+    assert got == []
+
+
+@pytest.mark.parametrize(
+    ("item", "known", "yielded"),
+    [
+        ({"Id": "a", "id": "b"}, {"b"}, ["a"]),  # "Id" first, as the record reads it
+        ({"Id": "a", "id": "b"}, {"a"}, []),
+        ({"id": "b"}, {"b"}, []),
+        ({"Id": "a "}, {"a"}, ["a "]),  # not trimmed by either
+    ],
+)
+def test_a_second_read_takes_each_id_as_the_record_does(
+    item: dict[str, Any], known: set[str], yielded: list[str]
+) -> None:
+    client = make_client(FakeShareFile(employees={"acme": [item]}))
+    assert [user.id for user in client.employees(ACME, known=known)] == yielded
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=sm_items())
 def test_a_services_manager_page_reads_as_its_items_would_one_by_one(
     items: list[dict[str, Any]],
