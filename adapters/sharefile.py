@@ -9,15 +9,13 @@ import time
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Annotated, Any, NotRequired, cast
+from typing import Any, NotRequired, cast
 from urllib.parse import urljoin
 
 import httpx
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
-    Field,
     SecretStr,
     TypeAdapter,
     ValidationError,
@@ -38,7 +36,7 @@ from adapters.http import (
     validated_page,
 )
 from domain.errors import PermanentError
-from domain.records import SHAREFILE_USER, Customer, SharefileUser
+from domain.records import SHAREFILE_USER, Customer, SharefileId, SharefileUser
 
 _log = logging.getLogger("sfsync.adapters.sharefile")
 
@@ -75,7 +73,7 @@ _ODATA_PAGE = TypeAdapter(_ODataPage)
 # The same page with only each user's id (the record's own rule for it), for a second read that
 # looks for users a first read missed: about a quarter of the CPU of building the records.
 class _Listed(TypedDict):
-    id: Annotated[str, Field(min_length=1, validation_alias=AliasChoices("Id", "id"))]
+    id: SharefileId
 
 
 _ListedPage = TypedDict(

@@ -54,6 +54,11 @@ def _feed_decides(value: bool, info: ValidationInfo) -> bool:
     return feed if isinstance(feed, bool) else value
 
 
+# A ShareFile user's immutable id, as a feed item gives it ("Id"; "id" taken too). One rule for
+# the record and for a second read that parses only ids (adapters.sharefile): both must read the
+# same id from the same item, or a present user could look absent.
+SharefileId = Annotated[str, Field(min_length=1, validation_alias=AliasChoices("Id", "id"))]
+
 # Unknown fields (odata.type, url, Company, ...) are ignored: both APIs add fields over time.
 _RECORD_CONFIG = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -79,7 +84,7 @@ class SmUser:
 class SharefileUser:
     """A user of a customer's ShareFile account, as its Employees (or Clients) feed lists it."""
 
-    id: Annotated[str, Field(min_length=1, validation_alias=AliasChoices("Id", "id"))]
+    id: SharefileId
     email: Annotated[str | None, Field(validation_alias=AliasChoices("Email", "email"))] = None
     first_name: Annotated[Name, Field(validation_alias=AliasChoices("FirstName", "first_name"))] = (
         None
