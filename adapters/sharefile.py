@@ -13,13 +13,7 @@ from typing import Any, NotRequired, cast
 from urllib.parse import urljoin
 
 import httpx
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    SecretStr,
-    TypeAdapter,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from adapters.credentials import CredentialStore, ShareFileCredentials
