@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from operator import attrgetter
 from typing import TypeVar, cast
 
@@ -122,7 +122,7 @@ def reconcile(
         if state is provisioned:
             if entitled:
                 continue
-            if sf is None and _username_is_an_employee(sm, key, find):
+            if sf is None and _username_is_an_employee(sm, key, sf_index, sf_duplicates):
                 skip = Skipped(
                     reason=SkipReason.SM_USERNAME_IS_AN_EMPLOYEE, user_id=sm.id, email=sm.email
                 )
@@ -288,13 +288,21 @@ def _index_sharefile(
 
 
 def _username_is_an_employee(
-    sm: SmUser, key: str, find: Callable[[str], SharefileUser | None]
+    sm: SmUser,
+    key: str,
+    index: dict[str, SharefileUser],
+    duplicates: dict[str, list[SharefileUser]],
 ) -> bool:
     """Whether an SM user about to be removed as absent (its `key` matched nobody) has a username
-    that is the address of a ShareFile employee: then the e-mail is the stale one, most likely."""
+    that is the address of a ShareFile employee: then the e-mail is the stale one, most likely.
+
+    An address ShareFile lists more than once counts if any of its users is an employee, so the
+    answer does not depend on which of them the feed gave first.
+    """
     other = normalise_email(sm.username) if sm.username else None
-    found = find(other) if other is not None and other != key else None
-    return found is not None and found.is_employee
+    if other is None or other == key or other not in index:
+        return False
+    return any(user.is_employee for user in duplicates.get(other) or (index[other],))
 
 
 def _one(value: _T | None) -> list[_T]:

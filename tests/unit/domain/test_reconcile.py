@@ -421,6 +421,27 @@ def test_a_username_that_is_a_client_users_address_does_not_keep_the_user() -> N
     assert only(plan.deprovision).rule is Rule.ABSENT_FROM_SHAREFILE
 
 
+@pytest.mark.parametrize("client_first", [False, True])
+def test_a_username_shared_by_an_employee_and_a_client_keeps_the_user_in_either_order(
+    client_first: bool,
+) -> None:
+    # ShareFile lists the username's address twice (a conflict): once as an employee. Whichever
+    # the feed gives first, the user is skipped, not removed: the same inputs, the same plan.
+    employee, client = (
+        sf("sf-2", "bob@acme.example"),
+        sf("sf-3", "bob@acme.example", employee=False),
+    )
+    plan = plan_for(
+        [sm("u-3", "ann@acme.example", PROVISIONED, username="bob@acme.example")],
+        [client, employee] if client_first else [employee, client],
+    )
+
+    assert plan.deprovision == () and plan.held == ()
+    assert [(s.reason, s.user_id) for s in plan.skipped] == [
+        (SkipReason.SM_USERNAME_IS_AN_EMPLOYEE, "u-3")
+    ]
+
+
 @pytest.mark.parametrize(
     ("sm_email", "sf_email"),
     [
