@@ -241,22 +241,17 @@ def _index_sharefile(
     The common case (every user has a usable, distinct address) runs as C-level map/zip/dict,
     with no Python loop per user; unusable addresses and shared keys take a slower exact path.
     An index key is the user's own e-mail string whenever that is already normalised.
-    A user listed twice (the same id, whatever its address: the account changed while its pages
-    were read, so others may be missing) is kept once, the first time, and the employees
-    repeated are counted for the guard instead of as employees.
+    A user listed more than once (the same id: the account changed while its pages were read,
+    so others may be missing) is indexed once (`_listed_once`), and the employee listings
+    repeated are counted for the guard instead of as employees. If its listings disagree (two
+    addresses, employee or not, disabled or not), nobody can tell which is current: every key
+    it was listed under becomes a conflict, so nobody on those keys is touched.
     """
     records = list(users)
     repeated = 0
+    disagreeing: list[tuple[str, SharefileUser]] = []
     if len(set(map(_id, records))) != len(records):  # C-level; the set is dropped at once
-        seen: set[str] = set()
-        kept: list[SharefileUser] = []
-        for record in records:
-            if record.id in seen:
-                repeated += record.is_employee
-            else:
-                seen.add(record.id)
-                kept.append(record)
-        records = kept
+        records, repeated, disagreeing = _listed_once(records)
     keys = list(map(sharefile_user_key, records))
     employees = sum(map(_is_employee, records))
     unmatchable = 0
@@ -284,7 +279,54 @@ def _index_sharefile(
             first = index.setdefault(key, record)
             if first is not record:
                 duplicates.setdefault(key, [first]).append(record)
+    for key, listing in disagreeing:
+        on_key = duplicates.get(key)
+        if on_key is None:
+            on_key = duplicates[key] = _one(index.get(key))
+        if all(user.id != listing.id for user in on_key):
+            on_key.append(listing)
     return index, duplicates, employees, unmatchable, repeated
+
+
+def _listed_once(
+    records: list[SharefileUser],
+) -> tuple[list[SharefileUser], int, list[tuple[str, SharefileUser]]]:
+    """One record per ShareFile id: (records, repeated employee listings, disagreeing listings).
+
+    The record kept for a user listed more than once is chosen by its content, not by where the
+    feed put it, so that the plan does not depend on the pages' order: an employee listing
+    first, then by address and flags. The listings of a user that disagree on what the plan
+    reads (the address's match key, employee or not, disabled or not) come back with their
+    keys, to be made conflicts.
+    """
+    listings: dict[str, list[SharefileUser]] = {}
+    for record in records:
+        listings.setdefault(record.id, []).append(record)
+    kept: list[SharefileUser] = []
+    repeated = 0
+    disagreeing: list[tuple[str, SharefileUser]] = []
+    for listed in listings.values():
+        if len(listed) == 1:
+            kept.append(listed[0])
+            continue
+        kept.append(min(listed, key=_by_content))
+        employee_listings = sum(map(_is_employee, listed))
+        repeated += employee_listings - (employee_listings > 0)
+        keyed = [(sharefile_user_key(user), user) for user in listed]
+        if len({(key, user.is_employee, user.is_disabled) for key, user in keyed}) > 1:
+            disagreeing.extend((key, user) for key, user in keyed if key is not None)
+    return kept, repeated, disagreeing
+
+
+def _by_content(user: SharefileUser) -> tuple[bool, bool, str, bool, str, str]:
+    return (
+        not user.is_employee,
+        user.email is None,
+        user.email or "",
+        user.is_disabled,
+        user.first_name or "",
+        user.last_name or "",
+    )
 
 
 def _username_is_an_employee(
@@ -300,7 +342,7 @@ def _username_is_an_employee(
     answer does not depend on which of them the feed gave first.
     """
     other = normalise_email(sm.username) if sm.username else None
-    if other is None or other == key or other not in index:
+    if other is None or other == key or (other not in index and other not in duplicates):
         return False
     return any(user.is_employee for user in duplicates.get(other) or (index[other],))
 

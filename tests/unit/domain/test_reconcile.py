@@ -442,6 +442,73 @@ def test_a_username_shared_by_an_employee_and_a_client_keeps_the_user_in_either_
     ]
 
 
+@pytest.mark.parametrize("new_first", [False, True])
+def test_a_sharefile_user_listed_under_two_addresses_is_a_conflict_on_both(
+    new_first: bool,
+) -> None:
+    # sf-1 changed address while the feed's pages were read and was listed under both. Which is
+    # current is unknown: its old-address SM user is not provisioned and its new-address one not
+    # removed (a held removal an operator might approve), whichever listing came first.
+    old, new = sf("sf-1", "ann@acme.example"), sf("sf-1", "ann.new@acme.example")
+    plan = plan_for(
+        [sm("u-1", "ann@acme.example"), sm("u-2", "Ann.New@acme.example", PROVISIONED)],
+        [new, old] if new_first else [old, new],
+    )
+
+    assert_no_action(plan)
+    assert [(c.match_key, c.sm_user_ids, c.sharefile_user_ids) for c in plan.conflicts] == [
+        ("ann.new@acme.example", ("u-2",), ("sf-1",)),
+        ("ann@acme.example", ("u-1",), ("sf-1",)),
+    ]
+    assert plan.unmatched == () and plan.sharefile_employees == 1
+
+
+@pytest.mark.parametrize("client_first", [False, True])
+def test_a_sharefile_user_listed_as_employee_and_client_is_a_conflict(client_first: bool) -> None:
+    employee = sf("sf-1", "ann@acme.example")
+    client = sf("sf-1", "ann@acme.example", employee=False)
+
+    plan = plan_for(
+        [sm("u-1", "ann@acme.example", PROVISIONED)],
+        [client, employee] if client_first else [employee, client],
+    )
+
+    assert_no_action(plan)
+    assert [(c.match_key, c.sm_user_ids, c.sharefile_user_ids) for c in plan.conflicts] == [
+        ("ann@acme.example", ("u-1",), ("sf-1",))
+    ]
+    assert plan.sharefile_employees == 1
+
+
+def test_a_sharefile_user_listed_twice_alike_is_one_user() -> None:
+    # Alike for the plan (only the name differs): no conflict, and the kept listing does not
+    # depend on the order either.
+    first = SharefileUser(id="sf-1", email="ann@acme.example", first_name="Ann")
+    second = SharefileUser(id="sf-1", email="ann@acme.example", first_name="Anne")
+    plans = [
+        plan_for([sm("u-9", "zed@acme.example")], users)
+        for users in ([first, second], [second, first])
+    ]
+
+    assert plans[0] == plans[1]
+    assert plans[0].conflicts == ()
+    assert [(u.sharefile_user_id, u.name) for u in plans[0].unmatched] == [("sf-1", "Ann")]
+
+
+def test_a_username_on_an_address_listed_only_by_a_disagreeing_listing_keeps_the_user() -> None:
+    # u-3's e-mail matches nobody; its username is the address of the listing of sf-2 that is
+    # not indexed ("bob.new@" sorts first and is kept): not removed as absent.
+    plan = plan_for(
+        [sm("u-3", "gone@acme.example", PROVISIONED, username="bob@acme.example")],
+        [sf("sf-2", "bob@acme.example"), sf("sf-2", "bob.new@acme.example")],
+    )
+
+    assert plan.deprovision == () and plan.held == ()
+    assert [(s.reason, s.user_id) for s in plan.skipped] == [
+        (SkipReason.SM_USERNAME_IS_AN_EMPLOYEE, "u-3")
+    ]
+
+
 @pytest.mark.parametrize(
     ("sm_email", "sf_email"),
     [

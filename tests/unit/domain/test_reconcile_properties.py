@@ -74,7 +74,7 @@ def sm_users(draw: st.DrawFn) -> list[SmUser]:
 @st.composite
 def sharefile_users(draw: st.DrawFn) -> list[SharefileUser]:
     count = draw(st.integers(0, 8))
-    return [
+    users = [
         SharefileUser(
             id=f"sf-{n}",
             email=draw(addresses()),
@@ -83,6 +83,19 @@ def sharefile_users(draw: st.DrawFn) -> list[SharefileUser]:
         )
         for n in range(count)
     ]
+    # Pages read while the account changed list some users again: as they were, or changed.
+    for listed in draw(st.lists(st.sampled_from(users), max_size=3)) if users else []:
+        users.append(
+            listed
+            if draw(st.booleans())
+            else SharefileUser(
+                id=listed.id,
+                email=draw(st.sampled_from((listed.email,)) | addresses()),
+                is_disabled=draw(st.booleans()),
+                is_employee=draw(st.sampled_from((listed.is_employee, True, False))),
+            )
+        )
+    return users
 
 
 @st.composite
@@ -178,9 +191,9 @@ def test_no_user_is_in_two_categories(customer: Customer) -> None:
     for category in (plan.provision, plan.deprovision, plan.held, plan.pending, plan.skipped):
         sm_ids.update(ids(category, "user_id"))
         sf_ids.update(ids(category, "sharefile_user_id"))
-    for conflict in plan.conflicts:
-        sm_ids.update(set(conflict.sm_user_ids))
-        sf_ids.update(set(conflict.sharefile_user_ids))
+    # One category: a ShareFile user listed under two addresses is in the conflict of each.
+    sm_ids.update({i for conflict in plan.conflicts for i in conflict.sm_user_ids})
+    sf_ids.update({i for conflict in plan.conflicts for i in conflict.sharefile_user_ids})
     sf_ids.update(ids(plan.unmatched, "sharefile_user_id"))
     # ...and nobody twice within one category either.
     every_item = plan.provision + plan.deprovision + plan.held

@@ -280,7 +280,12 @@ def test_an_employee_listed_again_under_a_new_address_holds_removals() -> None:
     assert plan.deprovision == ()
     assert [item.user_id for item in plan.held] == ["u-stay-0001"]
     assert codes(plan) == {HoldCode.SOURCE_INCOMPLETE}
-    assert plan.sharefile_employees == 29 and plan.unmatched == ()  # kept once, the first time
+    assert plan.sharefile_employees == 29 and plan.unmatched == ()  # one user, counted once
+    # Which address is current is unknown: both are conflicts, u-stay-0000 is left alone.
+    assert [(c.match_key, c.sm_user_ids) for c in plan.conflicts] == [
+        ("stay0.new@acme.example", ()),
+        ("stay0@acme.example", ("u-stay-0000",)),
+    ]
 
 
 def test_services_manager_users_listed_twice_count_once_and_hold_removals() -> None:
