@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TypeVar, cast
 
@@ -242,19 +243,18 @@ def _index_sharefile(
     with no Python loop per user; unusable addresses and shared keys take a slower exact path.
     An index key is the user's own e-mail string whenever that is already normalised.
     A user listed more than once (the same id: the account changed while its pages were read,
-    so others may be missing) is indexed once (`_listed_once`), and the employee listings
-    repeated are counted for the guard instead of as employees. If its listings disagree (two
-    addresses, employee or not, disabled or not), nobody can tell which is current: every key
-    it was listed under becomes a conflict, so nobody on those keys is touched.
+    so others may be missing) is indexed once, and the employee listings repeated are counted for
+    the guard instead of as employees. If its listings disagree (two addresses, employee or
+    client, disabled or not), nobody can tell which is current (`_listed_once`): it is reported
+    as a conflict on every address it was listed under, so nobody on those is touched.
     """
     records = list(users)
-    repeated = 0
-    disagreeing: list[tuple[str, SharefileUser]] = []
+    relisted = _Relisted()
     if len(set(map(_id, records))) != len(records):  # C-level; the set is dropped at once
-        records, repeated, disagreeing = _listed_once(records)
+        records, relisted = _listed_once(records)
     keys = list(map(sharefile_user_key, records))
-    employees = sum(map(_is_employee, records))
-    unmatchable = 0
+    employees = sum(map(_is_employee, records)) + relisted.employees
+    unmatchable = relisted.unmatchable
     if keys.count(None):
         keyed: list[tuple[str, SharefileUser]] = []
         for key, record in zip(keys, records, strict=True):
@@ -279,43 +279,63 @@ def _index_sharefile(
             first = index.setdefault(key, record)
             if first is not record:
                 duplicates.setdefault(key, [first]).append(record)
-    for key, listing in disagreeing:
+    for key, listing in relisted.conflicting:
         on_key = duplicates.get(key)
         if on_key is None:
             on_key = duplicates[key] = _one(index.get(key))
-        if all(user.id != listing.id for user in on_key):
-            on_key.append(listing)
-    return index, duplicates, employees, unmatchable, repeated
+        on_key.append(listing)
+    return index, duplicates, employees, unmatchable, relisted.repeated
 
 
-def _listed_once(
-    records: list[SharefileUser],
-) -> tuple[list[SharefileUser], int, list[tuple[str, SharefileUser]]]:
-    """One record per ShareFile id: (records, repeated employee listings, disagreeing listings).
+@dataclass
+class _Relisted:
+    """What `_listed_once` found among the users listed more than once."""
 
-    The record kept for a user listed more than once is chosen by its content, not by where the
-    feed put it, so that the plan does not depend on the pages' order: an employee listing
-    first, then by address and flags. The listings of a user that disagree on what the plan
-    reads (the address's match key, employee or not, disabled or not) come back with their
-    keys, to be made conflicts.
+    repeated: int = 0  # employee listings beyond one per user
+    employees: int = 0  # users with disagreeing listings, one of them an employee's
+    unmatchable: int = 0  # of those, the ones with an employee listing without a usable address
+    conflicting: list[tuple[str, SharefileUser]] = field(default_factory=list)  # (key, listing)
+
+
+def _listed_once(records: list[SharefileUser]) -> tuple[list[SharefileUser], _Relisted]:
+    """The users to index, one record per ShareFile id, and what the repeats were.
+
+    Nothing here depends on where the feed put a listing, so that the plan does not depend on
+    the pages' order. Listings that agree on what the plan reads (the address's match key,
+    employee or client, disabled or not) are one user, kept by content: an employee listing
+    first, then by address and names. Listings that disagree are not indexed: each address they
+    give is a conflict, with one listing per address (an employee's first), and the user counts
+    as an employee if any listing says so, and as one without a usable address if an employee
+    listing has none. Only when no listing has a usable address is the user indexed as usual
+    (and skipped as one without a usable address, if an employee).
     """
     listings: dict[str, list[SharefileUser]] = {}
     for record in records:
         listings.setdefault(record.id, []).append(record)
     kept: list[SharefileUser] = []
-    repeated = 0
-    disagreeing: list[tuple[str, SharefileUser]] = []
+    relisted = _Relisted()
     for listed in listings.values():
         if len(listed) == 1:
             kept.append(listed[0])
             continue
-        kept.append(min(listed, key=_by_content))
         employee_listings = sum(map(_is_employee, listed))
-        repeated += employee_listings - (employee_listings > 0)
-        keyed = [(sharefile_user_key(user), user) for user in listed]
-        if len({(key, user.is_employee, user.is_disabled) for key, user in keyed}) > 1:
-            disagreeing.extend((key, user) for key, user in keyed if key is not None)
-    return kept, repeated, disagreeing
+        relisted.repeated += employee_listings - (employee_listings > 0)
+        keyed = sorted(
+            ((sharefile_user_key(user), user) for user in listed),
+            key=lambda pair: (pair[0] or "", _by_content(pair[1])),
+        )
+        views = {(key, user.is_employee, user.is_disabled) for key, user in keyed}
+        if len(views) == 1 or all(key is None for key, _ in keyed):
+            kept.append(min(listed, key=_by_content))
+            continue
+        first_on_key: dict[str, SharefileUser] = {}
+        for key, user in keyed:
+            if key is not None:
+                first_on_key.setdefault(key, user)
+        relisted.conflicting.extend(first_on_key.items())
+        relisted.employees += employee_listings > 0
+        relisted.unmatchable += any(key is None and user.is_employee for key, user in keyed)
+    return kept, relisted
 
 
 def _by_content(user: SharefileUser) -> tuple[bool, bool, str, bool, str, str]:

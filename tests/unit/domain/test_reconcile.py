@@ -480,6 +480,60 @@ def test_a_sharefile_user_listed_as_employee_and_client_is_a_conflict(client_fir
     assert plan.sharefile_employees == 1
 
 
+@pytest.mark.parametrize("disabled_first", [False, True])
+@pytest.mark.parametrize("disabled_employees", list(DisabledEmployees))
+def test_a_sharefile_user_listed_as_disabled_and_not_is_a_conflict(
+    disabled_first: bool, disabled_employees: DisabledEmployees
+) -> None:
+    active, disabled = sf("sf-1", "ann@acme.example"), sf("sf-1", "ann@acme.example", disabled=True)
+    plan = plan_for(
+        [sm("u-1", "ann@acme.example", PROVISIONED)],
+        [disabled, active] if disabled_first else [active, disabled],
+        disabled_employees=disabled_employees,
+    )
+
+    assert_no_action(plan)
+    assert [(c.match_key, c.sm_user_ids, c.sharefile_user_ids) for c in plan.conflicts] == [
+        ("ann@acme.example", ("u-1",), ("sf-1",))
+    ]
+
+
+def test_a_sharefile_user_listed_without_an_address_and_with_one_is_only_a_conflict() -> None:
+    # One listing has no usable address: reported once (a conflict on the address it does give),
+    # and still counted as an employee without one for the guard.
+    plan = reconcile(
+        [sm("u-1", "ann@acme.example", PROVISIONED), sm("u-2", "gone@acme.example", PROVISIONED)],
+        [sf("sf-0", None), sf("sf-0", "ann@acme.example", employee=False)],
+        Policy(guard=NO_GUARD),
+        customer_id="cust-1",
+    )
+
+    assert [(c.match_key, c.sm_user_ids, c.sharefile_user_ids) for c in plan.conflicts] == [
+        ("ann@acme.example", ("u-1",), ("sf-0",))
+    ]
+    assert plan.skipped == () and plan.sharefile_employees == 1
+    assert plan.deprovision == () and [i.user_id for i in plan.held] == ["u-2"]
+
+
+@pytest.mark.parametrize("client_first", [False, True])
+def test_a_username_listed_for_an_employee_and_a_client_by_one_relisted_user_keeps_the_user(
+    client_first: bool,
+) -> None:
+    # sf-1 is listed under ann@ and, twice, under cy@: once as an employee, once as a client.
+    # u-1's username is cy@: skipped, not removed, whichever cy@ listing came first.
+    ann = sf("sf-1", "ann@acme.example")
+    employee, client = sf("sf-1", "cy@acme.example"), sf("sf-1", "cy@acme.example", employee=False)
+    plan = plan_for(
+        [sm("u-1", "gone@acme.example", PROVISIONED, username="cy@acme.example")],
+        [ann, client, employee] if client_first else [ann, employee, client],
+    )
+
+    assert plan.deprovision == () and plan.held == ()
+    assert [(s.reason, s.user_id) for s in plan.skipped] == [
+        (SkipReason.SM_USERNAME_IS_AN_EMPLOYEE, "u-1")
+    ]
+
+
 def test_a_sharefile_user_listed_twice_alike_is_one_user() -> None:
     # Alike for the plan (only the name differs): no conflict, and the kept listing does not
     # depend on the order either.

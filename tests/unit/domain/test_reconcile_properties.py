@@ -191,7 +191,11 @@ def test_no_user_is_in_two_categories(customer: Customer) -> None:
     for category in (plan.provision, plan.deprovision, plan.held, plan.pending, plan.skipped):
         sm_ids.update(ids(category, "user_id"))
         sf_ids.update(ids(category, "sharefile_user_id"))
-    # One category: a ShareFile user listed under two addresses is in the conflict of each.
+    # One category: a ShareFile user listed under two addresses is in the conflict of each; but
+    # nobody twice in one conflict.
+    for conflict in plan.conflicts:
+        assert len(set(conflict.sm_user_ids)) == len(conflict.sm_user_ids), conflict
+        assert len(set(conflict.sharefile_user_ids)) == len(conflict.sharefile_user_ids), conflict
     sm_ids.update({i for conflict in plan.conflicts for i in conflict.sm_user_ids})
     sf_ids.update({i for conflict in plan.conflicts for i in conflict.sharefile_user_ids})
     sf_ids.update(ids(plan.unmatched, "sharefile_user_id"))

@@ -288,6 +288,15 @@ def test_an_employee_listed_again_under_a_new_address_holds_removals() -> None:
     ]
 
 
+def test_a_client_listed_twice_does_not_hold_removals() -> None:
+    sm_users, employees = customer(staying=30, leaving=1)
+    client = SharefileUser(id="sf-client", email="guest@acme.example", is_employee=False)
+
+    plan = reconcile(sm_users, [*employees, client, client], customer_id="cust-1")
+
+    assert_released(plan, leaving=1)
+
+
 def test_services_manager_users_listed_twice_count_once_and_hold_removals() -> None:
     # A cursor that replayed a page: 20 provisioned users listed again made the ratio's base
     # 60 instead of 40, and 10 removals (25 %) went out under the 20 % limit.
