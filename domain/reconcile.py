@@ -58,6 +58,16 @@ def reconcile(
     # outcome: one entry (with its key) in one of the lists below, or none, which is "in sync".
     sm_first: dict[str, str] = {}  # match key -> id of the first SM user on it
     sm_duplicates: dict[str, list[str]] = {}  # match key -> ids of every SM user on it
+    # Every SM user read, with the state of its first listing (provisioned, once any listing
+    # says so). A user listed again (a cursor that replayed a page, perhaps after the user
+    # changed) is counted once; under another key, or in another state, each of its keys is a
+    # conflict: which listing is current is unknown, so nothing is done on them. (Not compared,
+    # to keep one small value per user: the same key spelt another way, and `enabled`. There the
+    # first listing is the one reported, or provisioned; removals are held all the same.)
+    sm_seen: dict[str, SharefileState] = {}
+    sm_ambiguous: set[str] = set()  # keys of SM users whose listings disagree
+    relisted_elsewhere: set[str] = set()  # ids listed again under another key (or none)
+    keyless: dict[str, tuple[int, str | None]] = {}  # SM users listed without a key (`_keyless`)
     acted: set[str] = set()  # keys whose first user got a list entry (not "in sync")
     provision: list[PlanItem] = []
     deprovision: list[PlanItem] = []
@@ -86,26 +96,42 @@ def reconcile(
         else:
             sf = None
             key = sm_user_key(sm)
+        known = len(sm_seen)
+        first_state = sm_seen.setdefault(sm.id, state)
+        if len(sm_seen) == known:
+            # Listed before: counted once, and the guard holds removals planned from a list
+            # that changed while it was read. Provisioned if any listing says so.
+            sm_repeated += 1
+            sm_count -= 1
+            if state is provisioned:
+                if first_state is provisioned:
+                    provisioned_before -= 1
+                else:
+                    sm_seen[sm.id] = provisioned
+            if key is None and sm.id in keyless:
+                _keyless(sm, keyless, skipped)
+                continue
+            on_this_key = key is not None and (
+                sm_first.get(key) == sm.id or sm.id in sm_duplicates.get(key, ())
+            )
+            if not on_this_key:
+                # Under another address (or none) than before: which is current is unknown.
+                relisted_elsewhere.add(sm.id)
+                if key is not None:
+                    first = sm_first.setdefault(key, sm.id)
+                    if first != sm.id:
+                        sm_duplicates.setdefault(key, [first]).append(sm.id)
+            if key is not None and (not on_this_key or first_state is not state):
+                sm_ambiguous.add(key)  # its outcome, and the first listing's, are taken back
+            continue
         if key is None:
-            if state is not SharefileState.NOT_PROVISIONED:
-                # Has (or may have) the service but cannot be matched: never guess, never remove.
-                skipped.append(
-                    Skipped(reason=SkipReason.SM_USER_WITHOUT_EMAIL, user_id=sm.id, email=sm.email)
-                )
+            _keyless(sm, keyless, skipped)
             continue
         if sf is None:
             sf = find(key)
         if sf is not None and sf.email == key:
             key = sf.email  # the same text: keep ShareFile's string object, not a second copy
         if key in sm_first:
-            if sm_first[key] == sm.id:
-                # The same user again (a cursor that replayed a page): counted once, and the
-                # guard holds removals planned from a list that changed while it was read.
-                sm_repeated += 1
-                sm_count -= 1
-                if state is provisioned:
-                    provisioned_before -= 1
-                continue
             # A second user on this key: a conflict. The first user's outcome is dropped below.
             sm_duplicates.setdefault(key, [sm_first[key]]).append(sm.id)
             continue
@@ -159,7 +185,16 @@ def reconcile(
             continue
         acted.add(key)
 
-    conflicted = sm_duplicates.keys() | sf_duplicates.keys()
+    if relisted_elsewhere:
+        # The keys the users listed again elsewhere had when first listed: conflicts too, and
+        # the users are reported there, not as users without a usable address.
+        sm_ambiguous.update(k for k, i in sm_first.items() if i in relisted_elsewhere)
+        sm_ambiguous.update(
+            k for k, ids in sm_duplicates.items() if not relisted_elsewhere.isdisjoint(ids)
+        )
+        in_conflicts = {i for k in sm_ambiguous for i in sm_duplicates.get(k) or (sm_first[k],)}
+        skipped = [s for s in skipped if s.user_id not in in_conflicts]
+    conflicted = sm_duplicates.keys() | sf_duplicates.keys() | sm_ambiguous
     # In sync: the first users on unconflicted keys that got no list entry.
     in_sync = len(sm_first) - sum(key in sm_first for key in conflicted) - len(acted - conflicted)
     conflicts = [
@@ -172,7 +207,8 @@ def reconcile(
         )
         for key in sorted(conflicted)
     ]
-    if sm_duplicates:  # SF-side conflicts were never acted on; SM-side ones are taken back here
+    if sm_duplicates or sm_ambiguous:
+        # SF-side conflicts were never acted on; SM-side ones are taken back here.
         provision = [i for i in provision if i.match_key not in conflicted]
         deprovision = [i for i in deprovision if i.match_key not in conflicted]
     skipped.extend(s for key, s in skipped_keyed if key not in conflicted)
@@ -365,6 +401,23 @@ def _username_is_an_employee(
     if other is None or other == key or (other not in index and other not in duplicates):
         return False
     return any(user.is_employee for user in duplicates.get(other) or (index[other],))
+
+
+def _keyless(
+    sm: SmUser, keyless: dict[str, tuple[int, str | None]], skipped: list[Skipped]
+) -> None:
+    """An SM user listed without a usable key: skipped if it has (or may have) the service, by
+    any of its listings; never guessed at, never removed. A user listed so more than once is
+    skipped once, under the first of its addresses in text order (not the feed's order)."""
+    at, email = keyless.get(sm.id, (-1, sm.email))
+    if (sm.email is None, sm.email or "") < (email is None, email or ""):
+        email = sm.email
+    if at < 0 and sm.state is not SharefileState.NOT_PROVISIONED:
+        at = len(skipped)
+        skipped.append(Skipped(reason=SkipReason.SM_USER_WITHOUT_EMAIL, user_id=sm.id, email=email))
+    elif at >= 0 and skipped[at].email != email:
+        skipped[at] = skipped[at].model_copy(update={"email": email})
+    keyless[sm.id] = (at, email)
 
 
 def _one(value: _T | None) -> list[_T]:

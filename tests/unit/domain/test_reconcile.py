@@ -534,6 +534,51 @@ def test_a_username_listed_for_an_employee_and_a_client_by_one_relisted_user_kee
     ]
 
 
+@pytest.mark.parametrize("provisioned_first", [False, True])
+@pytest.mark.parametrize("provisioned_listings", [1, 2])
+def test_a_services_manager_user_listed_in_two_states_is_a_conflict(
+    provisioned_first: bool, provisioned_listings: int
+) -> None:
+    listings = [
+        sm("u-1", "ann@acme.example"),
+        *[sm("u-1", "ann@acme.example", PROVISIONED)] * provisioned_listings,
+    ]
+    plan = plan_for(
+        listings[::-1] if provisioned_first else listings, [sf("sf-1", "ann@acme.example")]
+    )
+
+    assert_no_action(plan)
+    assert [(c.match_key, c.sm_user_ids) for c in plan.conflicts] == [
+        ("ann@acme.example", ("u-1",))
+    ]
+    assert plan.sm_users == 1 and plan.provisioned_before == 1 and plan.in_sync == 0
+
+
+@pytest.mark.parametrize("order", [("u-0", "u-1", "u-1"), ("u-1", "u-0", "u-1")])
+def test_a_replayed_user_on_a_shared_address_is_in_its_conflict_once(
+    order: tuple[str, ...],
+) -> None:
+    plan = plan_for([sm(i, "ann@acme.example", PROVISIONED) for i in order], [])
+
+    assert [(c.match_key, c.sm_user_ids) for c in plan.conflicts] == [
+        ("ann@acme.example", ("u-0", "u-1"))
+    ]
+    assert plan.sm_users == 2 and plan.provisioned_before == 2
+
+
+@pytest.mark.parametrize("provisioned_first", [False, True])
+def test_a_services_manager_user_listed_twice_without_an_address_is_skipped_once(
+    provisioned_first: bool,
+) -> None:
+    listings = [sm("u-1", "no-at-sign"), sm("u-1", "a@b@c", PROVISIONED)]
+    plan = plan_for(listings[::-1] if provisioned_first else listings, [])
+
+    assert [(s.reason, s.user_id, s.email) for s in plan.skipped] == [
+        (SkipReason.SM_USER_WITHOUT_EMAIL, "u-1", "a@b@c")
+    ]
+    assert plan.sm_users == 1
+
+
 def test_a_sharefile_user_listed_twice_alike_is_one_user() -> None:
     # Alike for the plan (only the name differs): no conflict, and the kept listing does not
     # depend on the order either.

@@ -312,6 +312,28 @@ def test_services_manager_users_listed_twice_count_once_and_hold_removals() -> N
     assert codes(plan) == {HoldCode.SOURCE_INCOMPLETE, HoldCode.DEPROVISION_RATIO}
 
 
+@pytest.mark.parametrize("new_first", [False, True])
+def test_a_services_manager_user_listed_again_under_a_new_address_is_not_removed(
+    new_first: bool,
+) -> None:
+    # A cursor replayed a page after u-stay-0000's address changed: listed under both. Under
+    # the old one it matches an active employee; under the new one it would be "absent".
+    sm_users, employees = customer(staying=30, leaving=1)
+    moved = SmUser(id="u-stay-0000", state=PROVISIONED, email="stay0.new@acme.example")
+    listed = [moved, *sm_users] if new_first else [*sm_users, moved]
+
+    plan = reconcile(listed, employees, customer_id="cust-1")
+
+    assert plan.deprovision == ()
+    assert [item.user_id for item in plan.held] == ["u-leave-0000"]
+    assert [(c.match_key, c.sm_user_ids, c.sharefile_user_ids) for c in plan.conflicts] == [
+        ("stay0.new@acme.example", ("u-stay-0000",), ()),
+        ("stay0@acme.example", ("u-stay-0000",), ("sf-stay-0000",)),
+    ]
+    assert plan.sm_users == 31 and plan.provisioned_before == 31
+    assert "Services Manager listed 1 users twice" in plan.hold_reasons[0].message
+
+
 def test_services_manager_users_listed_twice_without_removals_change_nothing() -> None:
     sm_users, employees = customer(staying=30, leaving=0, joining=2)
 
