@@ -79,6 +79,7 @@ def reconcile(
     keep_disabled = policy.disabled_employees is DisabledEmployees.KEEP
     provisioned = SharefileState.PROVISIONED
     find = sf_index.get
+    seen = sm_seen.get
 
     for sm in sm_users:
         sm_count += 1
@@ -96,9 +97,8 @@ def reconcile(
         else:
             sf = None
             key = sm_user_key(sm)
-        known = len(sm_seen)
-        first_state = sm_seen.setdefault(sm.id, state)
-        if len(sm_seen) == known:
+        first_state = seen(sm.id)
+        if first_state is not None:
             # Listed before: counted once, and the guard holds removals planned from a list
             # that changed while it was read. Provisioned if any listing says so.
             sm_repeated += 1
@@ -124,6 +124,7 @@ def reconcile(
             if key is not None and (not on_this_key or first_state is not state):
                 sm_ambiguous.add(key)  # its outcome, and the first listing's, are taken back
             continue
+        sm_seen[sm.id] = state
         if key is None:
             _keyless(sm, keyless, skipped)
             continue
