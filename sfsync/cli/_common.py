@@ -114,10 +114,15 @@ def _wait_for_signal(broker: Broker | None = None) -> None:
     (RabbitMQ refusing the topology on a reconnect, say): a role that can no longer consume
     must exit, not idle, so that whoever runs it notices and restarts it."""
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
+        # Counted first, in one step: a second signal can run this handler again inside the
+        # first call (a handler runs between any two bytecodes of the main thread), before the
+        # first has set `stop`; it must still see a second signal, and exit.
+        received.append(signum)
         name = signal.Signals(signum).name
-        if stop.is_set():
+        if len(received) > 1:
             # A second signal: stop now. Unacknowledged messages go back to their queues, and
             # every handler is idempotent, so nothing is lost, only done again.
             # os.write, not click.echo: the main thread may be inside a write to stderr, and a

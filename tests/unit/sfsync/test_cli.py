@@ -283,3 +283,45 @@ def test_a_second_signal_while_finishing_in_flight_work_exits_at_once(tmp_path: 
     stderr = errors.decode()
     assert "SIGTERM received, finishing in-flight work" in stderr
     assert "SIGTERM received again, exiting now" in stderr
+
+
+def test_a_second_signal_inside_the_first_ones_handler_exits_at_once(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from sfsync.cli import EXIT_INTERRUPTED
+
+    # The second SIGTERM arrives while the first one's handler is still writing its message
+    # (a loaded host deschedules it there): the handler runs again inside itself, before the
+    # first call has marked the signal as received.
+    code = (
+        "import os, signal, sys, time\n"
+        "from sfsync.cli import _common\n"
+        "echo, sent = _common.click.echo, []\n"
+        "def echo_then_signal(*args, **kwargs):\n"
+        "    echo(*args, **kwargs)\n"
+        "    if not sent:\n"
+        "        sent.append(1)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.5)\n"
+        "_common.click.echo = echo_then_signal\n"
+        "print('waiting', flush=True)\n"
+        "_common._wait_for_signal()\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])},
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline() == b"waiting\n"
+            process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=10)
+        finally:
+            process.kill()
+    assert process.returncode == EXIT_INTERRUPTED, errors.decode()
+    assert "SIGTERM received again, exiting now" in errors.decode()
