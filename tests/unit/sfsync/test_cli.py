@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -247,22 +249,12 @@ def test_a_misspelt_setting_is_warned_about() -> None:
     ) in result.output
 
 
-def test_a_second_signal_while_finishing_in_flight_work_exits_at_once(tmp_path: Path) -> None:
-    import signal
+def _signalled(tmp_path: Path, code: str, signal_it: Callable[[Any], None]) -> tuple[int, str]:
+    """Run `code` (which prints "waiting" before it waits for a signal) in a child process, call
+    `signal_it` with that process, and give its exit code and standard error."""
     import subprocess
     import sys
-    import time
 
-    from sfsync.cli import EXIT_INTERRUPTED
-
-    # A role stuck in its clean-up (a handler waiting on a slow API) after the first SIGTERM.
-    code = (
-        "import sys, time\n"
-        "from sfsync.cli._common import _wait_for_signal\n"
-        "print('waiting', flush=True)\n"
-        "_wait_for_signal()\n"
-        "time.sleep(60)\n"
-    )
     with subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
@@ -272,23 +264,42 @@ def test_a_second_signal_while_finishing_in_flight_work_exits_at_once(tmp_path: 
     ) as process:
         try:
             assert process.stdout is not None and process.stdout.readline() == b"waiting\n"
-            process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            assert process.poll() is None  # finishing in-flight work
-            process.send_signal(signal.SIGTERM)
+            signal_it(process)
             _, errors = process.communicate(timeout=10)
         finally:
             process.kill()
-    assert process.returncode == EXIT_INTERRUPTED
-    stderr = errors.decode()
+    return process.returncode, errors.decode()
+
+
+def test_a_second_signal_while_finishing_in_flight_work_exits_at_once(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from sfsync.cli import EXIT_INTERRUPTED
+
+    def twice(process: Any) -> None:
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.poll() is None  # finishing in-flight work
+        process.send_signal(signal.SIGTERM)
+
+    # A role stuck in its clean-up (a handler waiting on a slow API) after the first SIGTERM.
+    code = (
+        "import sys, time\n"
+        "from sfsync.cli._common import _wait_for_signal\n"
+        "print('waiting', flush=True)\n"
+        "_wait_for_signal()\n"
+        "time.sleep(60)\n"
+    )
+    returncode, stderr = _signalled(tmp_path, code, twice)
+
+    assert returncode == EXIT_INTERRUPTED
     assert "SIGTERM received, finishing in-flight work" in stderr
     assert "SIGTERM received again, exiting now" in stderr
 
 
 def test_a_second_signal_inside_the_first_ones_handler_exits_at_once(tmp_path: Path) -> None:
     import signal
-    import subprocess
-    import sys
 
     from sfsync.cli import EXIT_INTERRUPTED
 
@@ -310,18 +321,9 @@ def test_a_second_signal_inside_the_first_ones_handler_exits_at_once(tmp_path: P
         "_common._wait_for_signal()\n"
         "time.sleep(60)\n"
     )
-    with subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])},
-    ) as process:
-        try:
-            assert process.stdout is not None and process.stdout.readline() == b"waiting\n"
-            process.send_signal(signal.SIGTERM)
-            _, errors = process.communicate(timeout=10)
-        finally:
-            process.kill()
-    assert process.returncode == EXIT_INTERRUPTED, errors.decode()
-    assert "SIGTERM received again, exiting now" in errors.decode()
+    returncode, stderr = _signalled(
+        tmp_path, code, lambda process: process.send_signal(signal.SIGTERM)
+    )
+
+    assert returncode == EXIT_INTERRUPTED, stderr
+    assert "SIGTERM received again, exiting now" in stderr
